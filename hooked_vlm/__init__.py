@@ -1,0 +1,16 @@
+"""hooked_vlm: LLaVA-family vision-language models as TransformerLens HookedTransformers."""
+
+from hooked_vlm.errors import DeviceDtypeError, HookedVLMError, ImageError, PromptError, UnsupportedModelError
+from hooked_vlm.inputs import VLMInputs
+from hooked_vlm.model import HookedVLM
+
+__all__ = [
+    "HookedVLM",
+    "VLMInputs",
+    "HookedVLMError",
+    "UnsupportedModelError",
+    "PromptError",
+    "ImageError",
+    "DeviceDtypeError",
+]
+__version__ = "0.1.0"

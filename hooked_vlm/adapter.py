@@ -1,0 +1,74 @@
+"""The image-prefix adapter: vision tower + projector (+ anyres packing) of a LLaVA checkpoint.
+
+It wraps the transformers multimodal model *without* its language model and calls the
+model's own ``get_image_features``, so the image tokens are bit-identical to transformers'.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def _without_language_model(vlm_core: nn.Module) -> nn.Module:
+    """A shallow copy of ``LlavaModel``/``LlavaNextModel`` sharing every submodule except the decoder."""
+    trimmed = copy.copy(vlm_core)
+    trimmed._modules = OrderedDict((k, v) for k, v in vlm_core._modules.items() if k != "language_model")
+    trimmed._parameters = OrderedDict(vlm_core._parameters)
+    trimmed._buffers = OrderedDict(vlm_core._buffers)
+    return trimmed
+
+
+class ImageAdapter(nn.Module):
+    """Turns ``pixel_values`` into the projected image tokens the decoder reads.
+
+    Args:
+        vlm_core: the ``.model`` of a ``LlavaForConditionalGeneration`` or
+            ``LlavaNextForConditionalGeneration``; its ``language_model`` is not kept.
+        family: ``"llava"`` or ``"llava_next"``.
+    """
+
+    def __init__(self, vlm_core: nn.Module, family: str):
+        super().__init__()
+        self.core = _without_language_model(vlm_core)
+        self.family = family
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.core.vision_tower
+
+    @property
+    def multi_modal_projector(self) -> nn.Module:
+        return self.core.multi_modal_projector
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        on_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """Image tokens per image.
+
+        Args:
+            pixel_values: ``[n_images, 3, H, W]`` (LLaVA) or ``[n_images, n_crops, 3, H, W]`` (anyres).
+            image_sizes: ``[n_images, 2]`` original (height, width), anyres only.
+            on_features: applied to the projector's input ``[n_crops, n_patches, d_vision]``
+                (this is where ``hook_image_features`` fires).
+
+        Returns:
+            one ``[n_tokens_i, d_model]`` tensor per image, in the order the decoder reads them.
+        """
+        handle = None
+        if on_features is not None:
+            handle = self.multi_modal_projector.register_forward_pre_hook(lambda _m, args: (on_features(args[0]),))
+        try:
+            kwargs = {"image_sizes": image_sizes} if self.family == "llava_next" else {}
+            out = self.core.get_image_features(pixel_values=pixel_values, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return list(out.pooler_output)
