@@ -1,0 +1,123 @@
+"""What every analysis result shares, and aggregation of results over many records."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import pandas as pd
+import plotly.graph_objects as go
+from tqdm.auto import tqdm
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+class AnalysisResult:
+    """Base of the small result objects: tensors as attributes, ``.to_frame()`` and ``.plot()``."""
+
+    def to_frame(self) -> pd.DataFrame:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    def plot(self, **kwargs) -> go.Figure:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    def _repr_html_(self) -> str:
+        return self.plot().to_html(include_plotlyjs="cdn", full_html=False)
+
+
+@dataclass
+class Aggregate(AnalysisResult):
+    """Per-record values of one analysis over a data set, in long format.
+
+    ``frame`` has columns ``record`` (int), ``condition`` (str: a flow, a modality pair, ...),
+    ``x`` (layer, token count, ...) and ``value``. ``.summary()`` gives the mean and a normal
+    95% confidence band per (condition, x).
+    """
+
+    frame: pd.DataFrame
+    title: str = ""
+    x_label: str = "layer"
+    y_label: str = "value"
+    n_seen: int = 0
+    n_kept: int = 0
+
+    def to_frame(self) -> pd.DataFrame:
+        return self.frame
+
+    def summary(self, z: float = 1.96) -> pd.DataFrame:
+        g = self.frame.groupby(["condition", "x"], sort=False)["value"]
+        out = g.agg(["mean", "std", "count"]).reset_index()
+        half = z * out["std"].fillna(0.0) / out["count"].clip(lower=1).map(math.sqrt)
+        out["ci_low"], out["ci_high"] = out["mean"] - half, out["mean"] + half
+        return out
+
+    def plot(self, **layout) -> go.Figure:
+        s = self.summary()
+        fig = go.Figure()
+        for i, (cond, part) in enumerate(s.groupby("condition", sort=False)):
+            color = PALETTE[i % len(PALETTE)]
+            fig.add_trace(go.Scatter(
+                x=list(part["x"]) + list(part["x"])[::-1],
+                y=list(part["ci_high"]) + list(part["ci_low"])[::-1],
+                fill="toself", fillcolor=color, opacity=0.15, line=dict(width=0),
+                hoverinfo="skip", showlegend=False, legendgroup=str(cond),
+            ))
+            fig.add_trace(go.Scatter(x=part["x"], y=part["mean"], mode="lines+markers", name=str(cond),
+                                     line=dict(color=color), legendgroup=str(cond)))
+        title = self.title + (f" (n={self.n_kept} of {self.n_seen})" if self.n_seen else "")
+        fig.update_layout(title=title, xaxis_title=self.x_label, yaxis_title=self.y_label, template="plotly_white")
+        fig.update_layout(**layout)
+        return fig
+
+
+def aggregate(
+    records: Iterable,
+    fn: Callable[[object], pd.DataFrame | None],
+    *,
+    keep: Callable[[object], bool] | None = None,
+    title: str = "",
+    x_label: str = "layer",
+    y_label: str = "value",
+    progress: bool = True,
+    total: int | None = None,
+) -> Aggregate:
+    """Run ``fn(record)`` over ``records`` and stack the long frames it returns.
+
+    ``fn`` returns a frame with columns ``condition``, ``x``, ``value`` (or None to skip the record).
+    ``keep(record)`` is the paper's sample filter (e.g. :func:`correct_only`); rejected records are
+    counted in ``n_seen`` but not run.
+    """
+    frames, seen, kept = [], 0, 0
+    if total is None and hasattr(records, "__len__"):
+        total = len(records)  # type: ignore[arg-type]
+    for i, rec in enumerate(tqdm(records, total=total, desc=title or "records", disable=not progress)):
+        seen += 1
+        if keep is not None and not keep(rec):
+            continue
+        df = fn(rec)
+        if df is None:
+            continue
+        kept += 1
+        frames.append(df.assign(record=i))
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["condition", "x", "value", "record"])
+    return Aggregate(frame, title=title, x_label=x_label, y_label=y_label, n_seen=seen, n_kept=kept)
+
+
+def record_inputs(model, record, *, template: str | None = "auto", vqa_suffix: bool = False):
+    """``model.prepare(record.question, record.image)`` for a shapes or GQA record."""
+    return model.prepare(_get(record, "question"), _get(record, "image"), template=template, vqa_suffix=vqa_suffix)
+
+
+def correct_only(model, *, template: str | None = "auto", vqa_suffix: bool = False) -> Callable[[object], bool]:
+    """Paper 002's filter: the greedy answer, stripped and lowercased, equals the record's answer."""
+
+    def keep(record) -> bool:
+        inputs = record_inputs(model, record, template=template, vqa_suffix=vqa_suffix)
+        return model.answer(inputs)[0] == str(_get(record, "answer")).strip().lower()
+
+    return keep
+
+
+def _get(record, name: str):
+    return record[name] if isinstance(record, dict) else getattr(record, name)
