@@ -100,7 +100,8 @@ def aggregate(
             continue
         kept += 1
         frames.append(df.assign(record=i))
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["condition", "x", "value", "record"])
+    empty = pd.DataFrame(columns=["condition", "x", "value", "record"])
+    frame = pd.concat(frames, ignore_index=True) if frames else empty
     return Aggregate(frame, title=title, x_label=x_label, y_label=y_label, n_seen=seen, n_kept=kept)
 
 

@@ -54,6 +54,8 @@ def tl_config(text_config, *, dtype: torch.dtype, device: str, fold_ln: bool, n_
         )
     if getattr(text_config, "sliding_window", None):
         raise UnsupportedModelError("Sliding-window attention decoders are not supported.")
+    if getattr(text_config, "attention_bias", False) or getattr(text_config, "mlp_bias", False):
+        raise UnsupportedModelError("Decoders with attention or MLP biases are not supported.")
     theta, rope = _rope(text_config)
     rope_type = (rope.get("rope_type") or rope.get("type") or "default").lower()
     if rope_type not in ("default", "llama3"):
@@ -136,9 +138,6 @@ def load_decoder_weights_(
         _copy(params["attn.W_O"], einops.rearrange(attn.o_proj.weight, "m (n h) -> n h m", n=cfg.n_heads))
         for name in ("attn.b_Q", f"attn.{gqa}b_K", f"attn.{gqa}b_V", "attn.b_O", "mlp.b_in", "mlp.b_out"):
             params[name].zero_()
-        for proj, name in ((attn.q_proj, "attn.b_Q"), (attn.k_proj, f"attn.{gqa}b_K"), (attn.v_proj, f"attn.{gqa}b_V")):
-            if getattr(proj, "bias", None) is not None:
-                raise UnsupportedModelError("Attention projections with biases are not supported.")
         mlp = hf.mlp
         _copy(params["mlp.W_in"], mlp.up_proj.weight.T * s2)
         _copy(params["mlp.W_gate"], mlp.gate_proj.weight.T * s2)
