@@ -49,6 +49,11 @@ class VLMInputs:
         return self.input_ids.shape[0]
 
     @property
+    def shape(self) -> torch.Size:
+        """``input_ids.shape``, so TransformerLens utilities (e.g. ``patching``) accept these inputs."""
+        return self.input_ids.shape
+
+    @property
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
 

@@ -11,7 +11,7 @@ from jaxtyping import Float, Int
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.hook_points import HookPoint
-from transformer_lens.utils import sample_logits
+from transformer_lens.utilities import sample_logits
 from transformers import AutoConfig, AutoProcessor, PreTrainedModel
 
 from hooked_vlm import architectures
