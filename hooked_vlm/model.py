@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
@@ -14,7 +13,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import sample_logits
 from transformers import AutoConfig, AutoProcessor, PreTrainedModel
 
-from hooked_vlm import architectures
+from hooked_vlm import architectures, checkpoint
 from hooked_vlm.adapter import ImageAdapter
 from hooked_vlm.conversion.transformer_lens import load_decoder_weights_, quiet_deprecation, tl_config
 from hooked_vlm.errors import DeviceDtypeError, PromptError
@@ -91,7 +90,9 @@ class HookedVLM(HookedTransformer):
             name_or_path: a hub name, a local checkpoint directory, or a name from
                 ``hooked_vlm.zoo`` such as ``"shapes-llava"``. The family is read from the config.
             hf_model, processor: an in-memory transformers model and processor to convert instead
-                (TransformerLens's ``hf_model=`` convention); ``hf_model`` is left untouched.
+                (TransformerLens's ``hf_model=`` convention); ``hf_model`` is left untouched and its
+                vision tower and projector are shared, not copied. From disk, the decoder is read
+                tensor by tensor from the safetensors files, so it is never held twice.
             dtype: weights' dtype (default: float32).
             device: ``"cpu"``, ``"cuda"``, ... (default: cuda if available).
             fold_ln, center_unembed: TransformerLens weight processing (log-probs are unchanged).
@@ -112,31 +113,31 @@ class HookedVLM(HookedTransformer):
         source = str(name_or_path)
         if zoo is not None and source in zoo.available():
             source = str(zoo.path(source))
-        own = hf_model is None
-        if own:
-            config = AutoConfig.from_pretrained(source, **hf_kwargs)
+        if hf_model is None:
+            directory = checkpoint.resolve(source, **hf_kwargs)
+            config = AutoConfig.from_pretrained(directory)
             spec = architectures.spec_for(config)
-            hf_model = spec.model_class.from_pretrained(source, dtype=dtype, **hf_kwargs)
+            if processor is None:
+                processor = AutoProcessor.from_pretrained(directory)
+            vlm = checkpoint.load_without_decoder(spec.model_class, directory, config, dtype)
+            get = checkpoint.DecoderTensors(directory)
         else:
-            spec = architectures.spec_for(hf_model.config)
-        if processor is None:
-            processor = AutoProcessor.from_pretrained(source if own or Path(source).exists() else source, **hf_kwargs)
-        hf_model.eval()
-        text_config = hf_model.config.text_config
-        cfg = tl_config(text_config, dtype=dtype, device=device, fold_ln=fold_ln, n_ctx=n_ctx)
-        adapter = ImageAdapter(hf_model.model, spec.family)
+            config = hf_model.config
+            spec = architectures.spec_for(config)
+            if processor is None:
+                processor = AutoProcessor.from_pretrained(source, **hf_kwargs)
+            vlm = hf_model.eval()
+            decoder = dict(hf_model.model.language_model.named_parameters())
+            decoder["lm_head.weight"] = hf_model.lm_head.weight
+            get = decoder.__getitem__
+        cfg = tl_config(config.text_config, dtype=dtype, device=device, fold_ln=fold_ln, n_ctx=n_ctx)
+        adapter = ImageAdapter(vlm.model, spec.family)
         with torch.device(device):
-            model = cls(cfg, processor, adapter, spec.family, hf_model.config)
-        load_decoder_weights_(
-            model,
-            hf_model.model.language_model,
-            hf_model.lm_head,
-            fold_ln=fold_ln,
-            center_unembed=center_unembed,
-            consume=own,
-        )
-        if own:
-            del hf_model.model.language_model, hf_model.lm_head
+            model = cls(cfg, processor, adapter, spec.family, config)
+        if getattr(config.text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False):
+            untied = get
+            get = lambda name: untied("embed_tokens.weight" if name == "lm_head.weight" else name)  # noqa: E731
+        load_decoder_weights_(model, get, fold_ln=fold_ln, center_unembed=center_unembed)
         model.image_adapter.to(device=device, dtype=dtype)
         model.cfg.model_name = source
         return model.eval()

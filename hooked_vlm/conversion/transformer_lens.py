@@ -1,8 +1,8 @@
 """The TransformerLens backend: HF Llama-family decoder -> ``HookedTransformer`` weights.
 
 Everything that knows TransformerLens parameter names lives here, so another backend
-can sit beside this module. Weights are moved one layer at a time and, when we own the
-transformers model, its layer is dropped right after, so two full decoders never coexist.
+can sit beside this module. Weights are read one layer at a time (lazily from the
+checkpoint's safetensors when loading from disk), so two full decoders never coexist.
 LayerNorm folding and unembedding centring follow ``HookedTransformer.process_weights_``
 for RMSNorm models, but per layer.
 """
@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import einops
 import torch
-from torch import nn
 from transformer_lens.config.hooked_transformer_config import HookedTransformerConfig
 
 from hooked_vlm.errors import UnsupportedModelError
@@ -105,57 +104,66 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 @torch.no_grad()
 def load_decoder_weights_(
     model,
-    language_model: nn.Module,
-    lm_head: nn.Linear,
+    get: Callable[[str], torch.Tensor],
     *,
     fold_ln: bool,
     center_unembed: bool,
-    consume: bool,
+    layer_done: Callable[[int], None] | None = None,
 ) -> None:
-    """Copy an HF ``LlamaModel`` (+ ``lm_head``) into the HookedTransformer ``model`` in place.
+    """Fill the HookedTransformer ``model`` in place from an HF Llama decoder, one layer at a time.
 
-    With ``consume`` the HF layers are replaced by ``nn.Identity`` as soon as they are copied,
-    so peak memory stays near one decoder plus one layer.
+    ``get(name)`` returns a tensor by its ``LlamaModel`` name (``"layers.3.mlp.up_proj.weight"``,
+    ``"embed_tokens.weight"``, ``"norm.weight"``) or ``"lm_head.weight"``; it may read lazily from disk,
+    so only one layer's weights are ever held beside the converted model.
     """
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads
     gqa = "_" if cfg.n_key_value_heads is not None else ""
-    _copy(model.embed.W_E, language_model.embed_tokens.weight)
-    if consume:
-        language_model.embed_tokens = nn.Identity()
+    _copy(model.embed.W_E, get("embed_tokens.weight"))
     for layer_idx in range(cfg.n_layers):
-        hf = language_model.layers[layer_idx]
-        block = model.blocks[layer_idx]
-        params = dict(block.named_parameters())
-        w1 = hf.input_layernorm.weight
-        w2 = hf.post_attention_layernorm.weight
-        s1 = w1[None, :] if fold_ln else 1.0
-        s2 = w2[:, None] if fold_ln else 1.0
-        attn = hf.self_attn
-        _copy(params["attn.W_Q"], einops.rearrange(attn.q_proj.weight * s1, "(n h) m -> n m h", n=cfg.n_heads))
-        _copy(params[f"attn.{gqa}W_K"], einops.rearrange(attn.k_proj.weight * s1, "(n h) m -> n m h", n=n_kv))
-        _copy(params[f"attn.{gqa}W_V"], einops.rearrange(attn.v_proj.weight * s1, "(n h) m -> n m h", n=n_kv))
-        _copy(params["attn.W_O"], einops.rearrange(attn.o_proj.weight, "m (n h) -> n h m", n=cfg.n_heads))
+        w = {name: get(f"layers.{layer_idx}.{name}") for name in _LAYER_TENSORS}
+        params = dict(model.blocks[layer_idx].named_parameters())
+        s1 = w["input_layernorm.weight"][None, :] if fold_ln else 1.0
+        s2 = w["post_attention_layernorm.weight"][:, None] if fold_ln else 1.0
+        qkv = (("q", "attn.W_Q", cfg.n_heads), ("k", f"attn.{gqa}W_K", n_kv), ("v", f"attn.{gqa}W_V", n_kv))
+        for short, name, heads in qkv:
+            weight = w[f"self_attn.{short}_proj.weight"] * s1
+            _copy(params[name], einops.rearrange(weight, "(n h) m -> n m h", n=heads))
+        _copy(params["attn.W_O"], einops.rearrange(w["self_attn.o_proj.weight"], "m (n h) -> n h m", n=cfg.n_heads))
         for name in ("attn.b_Q", f"attn.{gqa}b_K", f"attn.{gqa}b_V", "attn.b_O", "mlp.b_in", "mlp.b_out"):
             params[name].zero_()
-        mlp = hf.mlp
-        _copy(params["mlp.W_in"], mlp.up_proj.weight.T * s2)
-        _copy(params["mlp.W_gate"], mlp.gate_proj.weight.T * s2)
-        _copy(params["mlp.W_out"], mlp.down_proj.weight.T)
+        _copy(params["mlp.W_in"], w["mlp.up_proj.weight"].T * s2)
+        _copy(params["mlp.W_gate"], w["mlp.gate_proj.weight"].T * s2)
+        _copy(params["mlp.W_out"], w["mlp.down_proj.weight"].T)
         if not fold_ln:
-            _copy(params["ln1.w"], w1)
-            _copy(params["ln2.w"], w2)
-        if consume:
-            language_model.layers[layer_idx] = nn.Identity()
-    wf = language_model.norm.weight
+            _copy(params["ln1.w"], w["input_layernorm.weight"])
+            _copy(params["ln2.w"], w["post_attention_layernorm.weight"])
+        del w
+        if layer_done is not None:
+            layer_done(layer_idx)
+    wf = get("norm.weight")
     if not fold_ln:
         _copy(model.ln_final.w, wf)
+    lm_head = get("lm_head.weight")  # [d_vocab, d_model]
     W_U = model.unembed.W_U  # [d_model, d_vocab]
     for i in range(0, cfg.d_model, _CHUNK):
-        rows = lm_head.weight[:, i : i + _CHUNK].T.float()
+        rows = lm_head[:, i : i + _CHUNK].T.float()
         if fold_ln:
             rows = rows * wf[i : i + _CHUNK, None].float()
         if center_unembed:
             rows = rows - rows.mean(-1, keepdim=True)
         _copy(W_U[i : i + _CHUNK], rows)
     model.unembed.b_U.zero_()
+
+
+_LAYER_TENSORS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.down_proj.weight",
+)
