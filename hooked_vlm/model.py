@@ -65,6 +65,8 @@ class HookedVLM(HookedTransformer):
         self.hf_config = hf_config
         self.image_adapter = image_adapter
         self.image_token_id = int(hf_config.image_token_id)
+        # The final RMSNorm weight, kept when fold_ln folds it into W_U (for lenses without the norm).
+        self.register_buffer("final_norm_weight", torch.ones(cfg.d_model, dtype=cfg.dtype), persistent=False)
         self.hook_image_features = HookPoint()
         self.hook_image_embeds = HookPoint()
         self.setup()

@@ -144,6 +144,8 @@ def load_decoder_weights_(
     wf = get("norm.weight")
     if not fold_ln:
         _copy(model.ln_final.w, wf)
+    elif hasattr(model, "final_norm_weight"):
+        _copy(model.final_norm_weight, wf)  # lets the logit lens unembed without the final norm
     lm_head = get("lm_head.weight")  # [d_vocab, d_model]
     W_U = model.unembed.W_U  # [d_model, d_vocab]
     for i in range(0, cfg.d_model, _CHUNK):
