@@ -1,6 +1,13 @@
 """hooked_vlm: LLaVA-family vision-language models as TransformerLens HookedTransformers."""
 
-from hooked_vlm.errors import DeviceDtypeError, HookedVLMError, ImageError, PromptError, UnsupportedModelError
+from hooked_vlm.errors import (
+    CheckpointNotFoundError,
+    DeviceDtypeError,
+    HookedVLMError,
+    ImageError,
+    PromptError,
+    UnsupportedModelError,
+)
 from hooked_vlm.inputs import VLMInputs
 from hooked_vlm.model import HookedVLM
 
@@ -12,5 +19,6 @@ __all__ = [
     "PromptError",
     "ImageError",
     "DeviceDtypeError",
+    "CheckpointNotFoundError",
 ]
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from transformers.utils import logging as hf_logging
 
-from hooked_vlm.errors import UnsupportedModelError
+from hooked_vlm.errors import CheckpointNotFoundError, UnsupportedModelError
 
 # Decoder tensor prefixes: transformers 5 layout first, then the llava-hf hub layout.
 _DECODER_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
@@ -32,7 +32,14 @@ def resolve(name_or_path: str | Path, **kwargs) -> Path:
 
     patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
     keep = {k: v for k, v in kwargs.items() if k in ("revision", "cache_dir", "token", "local_files_only")}
-    return Path(snapshot_download(str(name_or_path), allow_patterns=patterns, **keep))
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=patterns, **keep))
+    except Exception as err:  # offline, unknown repo, gated, ...: one clear message
+        raise CheckpointNotFoundError(
+            f"{name_or_path!r} is not a local checkpoint directory and could not be fetched from the hub "
+            f"({type(err).__name__}). Pass a directory written by save_pretrained, or a zoo name "
+            "such as 'shapes-llava'."
+        ) from err
 
 
 class DecoderTensors:

@@ -19,3 +19,7 @@ class ImageError(HookedVLMError, ValueError):
 
 class DeviceDtypeError(HookedVLMError, RuntimeError):
     """The requested dtype cannot run on the requested device."""
+
+
+class CheckpointNotFoundError(HookedVLMError, FileNotFoundError):
+    """The checkpoint is neither a local directory nor reachable (or cached) on the hub."""

@@ -10,6 +10,7 @@ from transformer_lens import HookedTransformer, patching
 from transformer_lens import utilities as utils
 
 from hooked_vlm import (
+    CheckpointNotFoundError,
     DeviceDtypeError,
     HookedVLM,
     ImageError,
@@ -167,3 +168,26 @@ def test_unsupported_checkpoint_and_device(tmp_path):
             HookedVLM.from_pretrained("x", hf_model=hf, processor=proc, device="cuda")
     with pytest.raises(DeviceDtypeError):
         HookedVLM.from_pretrained("x", hf_model=hf, processor=proc, device="cpu", dtype=torch.int8)
+
+
+def test_missing_checkpoint_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointNotFoundError, match="save_pretrained"):
+        HookedVLM.from_pretrained("nobody/no-such-llava", device="cpu", cache_dir=str(tmp_path))
+
+
+def test_mistral_decoder_matches_transformers():
+    from transformers import LlavaNextForConditionalGeneration, MistralConfig
+
+    hf, proc = build_tiny("llava_next")
+    text = hf.config.text_config
+    mistral = MistralConfig(vocab_size=text.vocab_size, hidden_size=64, intermediate_size=144, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, sliding_window=None, pad_token_id=1)
+    config = hf.config
+    config.text_config = mistral
+    torch.manual_seed(0)
+    hf = LlavaNextForConditionalGeneration(config).eval()
+    model = HookedVLM.from_pretrained("x", hf_model=hf, processor=proc, device="cpu")
+    inputs = model.prepare("What color is the bus ?", noise_image(50, 70))
+    gap = (model(inputs).log_softmax(-1) - hf_forward(hf, inputs).logits.log_softmax(-1)).abs().max()
+    assert gap < 1e-4
