@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from jaxtyping import Float, Int
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.hook_points import HookPoint
@@ -84,6 +85,7 @@ class HookedVLM(HookedTransformer):
         fold_ln: bool = True,
         center_unembed: bool = True,
         n_ctx: int | None = None,
+        progress: bool = True,
         **hf_kwargs,
     ) -> HookedVLM:
         """Load a checkpoint and convert its decoder.
@@ -99,6 +101,7 @@ class HookedVLM(HookedTransformer):
             device: ``"cpu"``, ``"cuda"``, ... (default: cuda if available).
             fold_ln, center_unembed: TransformerLens weight processing (log-probs are unchanged).
             n_ctx: the longest sequence allowed (default: the decoder's max_position_embeddings).
+            progress: show a progress bar while the decoder layers are converted.
             hf_kwargs: passed to transformers' ``from_pretrained`` (e.g. ``local_files_only``).
 
         Raises:
@@ -139,7 +142,10 @@ class HookedVLM(HookedTransformer):
         if getattr(config.text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False):
             untied = get
             get = lambda name: untied("embed_tokens.weight" if name == "lm_head.weight" else name)  # noqa: E731
-        load_decoder_weights_(model, get, fold_ln=fold_ln, center_unembed=center_unembed)
+        with tqdm(total=cfg.n_layers, desc="converting decoder", unit="layer", disable=not progress,
+                  leave=False) as bar:
+            load_decoder_weights_(model, get, fold_ln=fold_ln, center_unembed=center_unembed,
+                                  layer_done=lambda _: bar.update())
         model.image_adapter.to(device=device, dtype=dtype)
         model.cfg.model_name = source
         return model.eval()
