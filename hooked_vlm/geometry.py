@@ -86,20 +86,45 @@ def _decode(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(pad, -1, x - 1), np.where(pad, -1, y - 1)
 
 
-def _patch_boxes(pixels: np.ndarray, patch: int) -> np.ndarray:
-    """Boxes ``[gh, gw, 4]`` of the source pixels of each ``patch``x``patch`` block."""
+def _axis_map(coord: np.ndarray) -> tuple[float, float] | None:
+    """Fit ``source = a * processed + b`` (pixel edges) along one axis from nearest-sampled coordinates."""
+    idx = np.nonzero(coord >= 0)[0]
+    if len(idx) == 0:
+        return None
+    if len(idx) == 1:
+        return 1.0, float(coord[idx[0]] - idx[0])
+    a, b = np.polyfit(idx + 0.5, coord[idx] + 0.5, 1)
+    return float(a), float(b)
+
+
+def _snap(edges: np.ndarray, size: int) -> np.ndarray:
+    """Edges within half a pixel of the image border are the border (nearest sampling is that coarse)."""
+    edges = np.where(edges < 0.5, 0.0, edges)
+    return np.where(edges > size - 0.5, float(size), edges)
+
+
+def _patch_boxes(pixels: np.ndarray, patch: int, image_size: tuple[int, int]) -> np.ndarray:
+    """Boxes ``[gh, gw, 4]``: the footprint in the original image of each ``patch``x``patch`` block.
+
+    Resize, crop and pad are affine per axis, so the map from processed to original pixels is fitted
+    from the decoded samples; a patch's box is its block mapped back, clipped to the image, and NaN
+    when the block is all padding. Neighbouring boxes share their edges (no gaps).
+    """
     x, y = _decode(pixels)
     gh, gw = x.shape[0] // patch, x.shape[1] // patch
-    x = einops.rearrange(x[: gh * patch, : gw * patch], "(gh p) (gw q) -> gh gw (p q)", p=patch, q=patch)
-    y = einops.rearrange(y[: gh * patch, : gw * patch], "(gh p) (gw q) -> gh gw (p q)", p=patch, q=patch)
-    valid = x >= 0
-    big = np.iinfo(np.int64).max
-    x0 = np.where(valid, x, big).min(-1)
-    y0 = np.where(valid, y, big).min(-1)
-    x1 = np.where(valid, x, -1).max(-1) + 1
-    y1 = np.where(valid, y, -1).max(-1) + 1
-    boxes = np.stack([x0, y0, x1, y1], -1).astype(np.float64)
-    boxes[~valid.any(-1)] = np.nan
+    fx, fy = _axis_map(x.max(0)), _axis_map(y.max(1))
+    boxes = np.full((gh, gw, 4), np.nan)
+    if fx is None or fy is None:
+        return boxes
+    width, height = image_size
+    cols = np.arange(gw + 1) * patch
+    rows = np.arange(gh + 1) * patch
+    xe = _snap(np.clip(fx[0] * cols + fx[1], 0, width), width)
+    ye = _snap(np.clip(fy[0] * rows + fy[1], 0, height), height)
+    boxes[..., 0], boxes[..., 2] = xe[None, :-1], xe[None, 1:]
+    boxes[..., 1], boxes[..., 3] = ye[:-1, None], ye[1:, None]
+    valid = einops.reduce(x[: gh * patch, : gw * patch] >= 0, "(gh p) (gw q) -> gh gw", "max", p=patch, q=patch)
+    boxes[~valid] = np.nan
     return boxes
 
 
@@ -114,10 +139,10 @@ def _raw_pixels(image_processor, size: tuple[int, int]) -> tuple[np.ndarray, lis
     return np.asarray(out["pixel_values"][0], dtype=np.float64), out.get("image_sizes")
 
 
-def llava_layout(image_processor, image_size: tuple[int, int], patch_size: int, grid_from_cls: bool = True):
+def llava_layout(image_processor, image_size: tuple[int, int], patch_size: int) -> ImageLayout:
     """Layout of a LLaVA-1.5 image: one square grid of patches, row-major."""
     pixels, _ = _raw_pixels(image_processor, image_size)
-    boxes = _patch_boxes(pixels, patch_size)
+    boxes = _patch_boxes(pixels, patch_size, image_size)
     gh, gw = boxes.shape[:2]
     rows, cols = np.divmod(np.arange(gh * gw), gw)
     return ImageLayout(
@@ -136,10 +161,10 @@ def llava_next_layout(image_processor, image_size: tuple[int, int], patch_size: 
     """
     pixels, _ = _raw_pixels(image_processor, image_size)  # [1 + n_tiles, 3, S, S]
     side = config.vision_config.image_size // config.vision_config.patch_size
-    base = _patch_boxes(pixels[0], patch_size).reshape(-1, 4)
+    base = _patch_boxes(pixels[0], patch_size, image_size).reshape(-1, 4)
     w, h = image_size
     gh, gw = get_anyres_image_grid_shape((h, w), config.image_grid_pinpoints, config.vision_config.image_size)
-    tiles = np.stack([_patch_boxes(t, patch_size) for t in pixels[1 : 1 + gh * gw]])  # [t, side, side, 4]
+    tiles = np.stack([_patch_boxes(t, patch_size, image_size) for t in pixels[1 : 1 + gh * gw]])  # [t, side, side, 4]
     grid = einops.rearrange(tiles, "(gh gw) s t c -> (gh s) (gw t) c", gh=gh, gw=gw)
     # Unpad exactly as transformers does, by unpadding a tensor of grid indices.
     rr, cc = np.meshgrid(np.arange(gh * side), np.arange(gw * side), indexing="ij")

@@ -131,3 +131,25 @@ def test_raw_prompt_ids_equal_processor(hooked, tiny):
     ref = proc(text=text, images=img, return_tensors="pt")
     assert torch.equal(inputs.input_ids, ref["input_ids"])
     assert torch.equal(inputs.pixel_values, ref["pixel_values"])
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("size", [(60, 40), (37, 91), (200, 50)])
+def test_patch_footprints_have_no_gaps(hooked, family, size):
+    model = hooked(family)
+    inputs = model.prepare("What ?", noise_image(*size))
+    layout = inputs.layouts[0][0]
+    kinds = np.array(layout.kinds)
+    base = layout.boxes[kinds == "base"]
+    base = base[~np.isnan(base[:, 0])]
+    area = ((base[:, 2] - base[:, 0]) * (base[:, 3] - base[:, 1])).sum()
+    w, h = size
+    if family == "llava":  # shortest edge resized, then a centre crop: the crop is covered
+        side = min(w, h)
+        assert area == pytest.approx(side * side, rel=0.02)  # resize rounding shifts the crop by < 1 px
+    else:  # the base image is the whole image squashed
+        assert area == pytest.approx(w * h, rel=1e-6)
+        for x in range(0, w, 3):  # every pixel column lies in some base and some tile patch
+            hit = inputs.image_positions_in_box(x, h // 2, 1, 1).tolist()
+            labels = [model.to_str_tokens(inputs)[p] for p in hit]
+            assert any("base" in lbl for lbl in labels) and any("tile" in lbl for lbl in labels), x

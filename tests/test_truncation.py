@@ -1,0 +1,129 @@
+"""Image-token truncation and masking against transformers on the shortened inputs_embeds."""
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import noise_image
+
+from hooked_vlm import PromptError
+from hooked_vlm.analysis.truncation import (
+    aggregate_truncation,
+    image_token_masking,
+    image_token_truncation,
+    plateau_point,
+    target_ids,
+    tokens_for_fraction,
+)
+
+PROMPT = "Describe this picture"
+CAPTION = "a red circle left of a blue square"
+
+
+def hf_embeds(hf, inputs, ids):
+    """transformers' own merged inputs_embeds of prompt + target."""
+    full = torch.cat([inputs.input_ids, ids[None]], 1)
+    seen = {}
+    handle = hf.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(embeds=kw["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            hf(input_ids=full, attention_mask=torch.ones_like(full), pixel_values=inputs.pixel_values,
+               image_sizes=inputs.image_sizes)
+    finally:
+        handle.remove()
+    return seen["embeds"][0]
+
+
+def hf_loss(hf, embeds, keep, ids):
+    with torch.no_grad():
+        logits = hf(inputs_embeds=embeds[keep][None]).logits[0]
+    n = logits.shape[0]
+    return F.cross_entropy(logits[n - len(ids) - 1 : n - 1], ids).item()
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_truncation_and_masking_equal_transformers(tiny, hooked, family):
+    hf, _ = tiny[family]
+    model = hooked(family)
+    inputs = model.prepare(PROMPT, noise_image(60, 40))
+    image = inputs.image_positions
+    n_image = len(image)
+    ids = target_ids(model, CAPTION)
+    embeds = hf_embeds(hf, inputs, ids)
+    counts = [0, 1, 7, n_image - 1, n_image]
+    ours = image_token_truncation(model, inputs, CAPTION, counts=counts, batch_size=2)
+    for n, loss in zip(counts, ours.loss):
+        keep = torch.ones(len(embeds), dtype=torch.bool)
+        keep[image[n:]] = False
+        assert abs(loss.item() - hf_loss(hf, embeds, keep, ids)) < 1e-4
+    intervals = [(0, 1), (3, 9), torch.tensor([2, n_image - 1])]
+    masked = image_token_masking(model, inputs, CAPTION, intervals)
+    for drop, loss in zip([[0], list(range(3, 9)), [2, n_image - 1]], masked.loss):
+        keep = torch.ones(len(embeds), dtype=torch.bool)
+        keep[image[drop]] = False
+        assert abs(loss.item() - hf_loss(hf, embeds, keep, ids)) < 1e-4
+    assert masked.labels == ["0", "3-8", f"2,{n_image - 1}"]
+    assert len(ours.loss.unique()) == len(counts)  # the settings really differ
+
+
+def test_all_image_tokens_is_the_unablated_loss(hooked):
+    model = hooked("llama3_next")
+    inputs = model.prepare(PROMPT, noise_image(60, 40))
+    ids = target_ids(model, CAPTION)
+    n_prompt = inputs.seq_len
+    tokens = torch.cat([inputs.input_ids, ids[None]], 1)
+    full = replace(inputs, input_ids=tokens, attention_mask=torch.ones_like(tokens))
+    with torch.no_grad():
+        logits = model(full)[0]
+    base = F.cross_entropy(logits[n_prompt - 1 : -1], ids).item()
+    n_image = len(inputs.image_positions)
+    result = image_token_truncation(model, inputs, ids, counts=[n_image])
+    masked = image_token_masking(model, inputs, ids, [torch.zeros(0, dtype=torch.long)])
+    assert abs(result.loss.item() - base) < 1e-5
+    assert abs(masked.base_loss - base) < 1e-5 and abs(masked.loss.item() - base) < 1e-5
+
+
+def test_summaries_on_a_known_curve():
+    counts = torch.arange(1, 11)
+    loss = torch.tensor([5.0, 4.0, 3.2, 2.6, 2.3, 2.1, 2.05, 2.0, 2.02, 2.0])
+    # mean 2.727: first at or below at n=4 and it stays there
+    assert plateau_point(counts, loss) == 4
+    # total reduction 3.0; 70% = 2.1 reached when loss <= 2.9: n=4 (2.6)
+    assert tokens_for_fraction(counts, loss, 0.7) == 4
+    assert tokens_for_fraction(counts, loss, 1.0) == 8
+    bumpy = torch.tensor([5.0, 2.0, 4.0, 3.0, 2.5, 2.2, 2.1, 2.0, 2.0, 2.0])  # mean 2.68
+    assert plateau_point(counts, bumpy, sustained=False) == 2
+    assert plateau_point(counts, bumpy) == 5
+    assert tokens_for_fraction(counts, torch.linspace(1, 2, 10)) is None
+    shuffled = torch.randperm(10)
+    assert tokens_for_fraction(counts[shuffled], loss[shuffled], 0.7) == 4
+
+
+def test_result_summary_plot_and_errors(hooked):
+    model = hooked("llava")
+    inputs = model.prepare(PROMPT, noise_image(60, 40))
+    result = image_token_truncation(model, inputs, CAPTION)
+    assert result.counts.tolist() == list(range(1, result.n_image + 1))
+    assert set(result.summary()) == {"threshold", "plateau_point", "tokens_for_0.7", "share_for_0.7"}
+    assert len(result.plot().data) == 1
+    assert list(result.to_frame().columns) == ["condition", "x", "value"]
+    with pytest.raises(PromptError, match="counts"):
+        image_token_truncation(model, inputs, CAPTION, counts=[result.n_image + 1])
+    with pytest.raises(PromptError, match="outside"):
+        image_token_masking(model, inputs, CAPTION, [(0, result.n_image + 2)])
+    with pytest.raises(PromptError, match="no tokens"):
+        image_token_truncation(model, inputs, [])
+    with pytest.raises(PromptError, match="no image"):
+        image_token_truncation(model, model.prepare(PROMPT), CAPTION)
+
+
+def test_aggregate_over_records(hooked):
+    model = hooked("llava")
+    records = [SimpleNamespace(image=noise_image(60, 40, seed=s), question=PROMPT, caption=CAPTION) for s in (1, 2)]
+    records.append(SimpleNamespace(image=noise_image(60, 40), question=PROMPT, caption=None))
+    agg = aggregate_truncation(model, records, counts=[0, 4, 16], progress=False)
+    assert (agg.n_seen, agg.n_kept) == (3, 2)
+    assert agg.summary()["x"].tolist() == [0, 4, 16]
