@@ -466,13 +466,13 @@ def knockout_flows(
 ) -> KnockoutFlows:
     """Paper 002's six flows (:data:`FLOWS`) on one input, sharing one unablated forward.
 
-    Related→Question and Other→Question run when a box is known: ``box=`` or the ``objects`` of ``record``
-    (all of them: their union is the related region). ``flows`` picks labels of :data:`FLOWS`; the other
-    arguments are those of :func:`attention_knockout`.
+    Related→Question and Other→Question run when a box is known: ``box=``, or the ``question_objects``
+    of ``record`` (the objects the question names), else its ``objects``; their union is the related
+    region. ``flows`` picks labels of :data:`FLOWS`; the other arguments are those of :func:`attention_knockout`.
     """
     inputs = _as_inputs(model, inputs)
     if box is None and record is not None:
-        objects = _get(record, "objects")
+        objects = getattr(record, "question_objects", None) or _get(record, "objects")
         box = list(objects) if objects else None
     wanted = list(FLOWS) if flows is None else list(flows)
     unknown = [f for f in wanted if f not in FLOWS]
