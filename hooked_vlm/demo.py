@@ -69,7 +69,8 @@ def _logit_lens_section(model, record) -> Section:
         "and last positions. Right: the probability of the answer (and false option) at the last position.",
         figures=[lens.plot(height=420), probs.plot(height=380)],
         verdict=f"The answer reaches half of its final probability ({p[-1]:.2f}) at layer {first} of "
-        f"{model.cfg.n_layers}: it is decided in the upper half of the decoder, as paper 002 reports for LLaVA.",
+        f"{model.cfg.n_layers}. Paper 002 reports the answer emerging only in the upper layers of LLaVA; "
+        + ("this example agrees." if first >= model.cfg.n_layers // 2 else "in this example it appears earlier."),
         agrees=first >= model.cfg.n_layers // 2,
     )
 
@@ -143,14 +144,15 @@ def _attention_view_section(model, record) -> Section:
         row = store[f"blocks.{layer}.attn.hook_pattern"][0, :, 0].mean(0)  # mean over heads, [key]
         shares.append(float(row[image].sum()))
         if layer in (0, model.cfg.n_layers // 2, model.cfg.n_layers - 1):
-            figs.append(image_overlay(inputs, row[image], title=f"layer {layer}: attention of the last token",
-                                      opacity=0.6))
+            fig = image_overlay(inputs, row[image], title=f"layer {layer}", opacity=0.6)
+            figs.append(fig.update_layout(width=350, height=330, margin=dict(l=30, r=10, t=40, b=30)))
     top = int(np.argmax(shares))
     return Section(
         "Where the last position looks",
         f"Question: <i>{html.escape(record.question)}</i>. Attention of the last position (mean over heads) on "
         "each image patch, drawn on the image with <code>hooked_vlm.plot.image_overlay</code>.",
         figures=figs,
+        side_by_side=True,
         verdict="Share of the last position's attention on image tokens per layer: "
         + ", ".join(f"L{i} {v:.2f}" for i, v in enumerate(shares)) + f" (most at layer {top}).",
     )
@@ -175,7 +177,7 @@ def _knockout_section(model, records) -> Section:
         "Attention knockout: cross-modal information flow (paper 002, figures 3-5)",
         f"Relative change (%) of the probability of the model's own answer when the attention edges of a flow are "
         f"blocked in a window of {window} layers around each centre layer (paper: 9 of 32 layers, scaled to our "
-        f"depth). Mean over {agg.n_kept} correctly answered records, 95% bands. Related patches are those "
+        f"depth). Mean over {agg.n_kept} records the model answers correctly, 95% bands. Related patches are those "
         "overlapping the objects the question names.",
         figures=[agg.plot(height=460)],
         verdict=f"Largest drops: Image→Question {iq[1]:.1f}% (layer {iq[0]}), Image→Last {il[1]:.1f}% (layer "

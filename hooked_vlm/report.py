@@ -56,6 +56,7 @@ class Section:
     html_blocks: list[str] = field(default_factory=list)
     verdict: str | None = None
     agrees: bool | None = None
+    side_by_side: bool = False
 
 
 @dataclass
@@ -77,9 +78,13 @@ class Report:
         for i, s in enumerate(self.sections):
             parts.append(f"<h2 id='s{i}'>{html.escape(s.title)}</h2><p>{s.explanation}</p>")
             parts.extend(s.html_blocks)
+            if s.side_by_side:
+                parts.append("<div class='gallery'>")
             for fig in s.figures:
                 parts.append(fig.to_html(full_html=False, include_plotlyjs=first))
                 first = False
+            if s.side_by_side:
+                parts.append("</div>")
             if s.verdict:
                 cls = "note" + (" disagree" if s.agrees is False else "")
                 parts.append(f"<div class='{cls}'>{s.verdict}</div>")

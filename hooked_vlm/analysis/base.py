@@ -67,6 +67,8 @@ class Aggregate(AnalysisResult):
                                      line=dict(color=color), legendgroup=str(cond)))
         title = self.title + (f" (n={self.n_kept} of {self.n_seen})" if self.n_seen else "")
         fig.update_layout(title=title, xaxis_title=self.x_label, yaxis_title=self.y_label, template="plotly_white")
+        if "layer" in self.x_label:
+            fig.update_xaxes(dtick=1)
         fig.update_layout(**layout)
         return fig
 
