@@ -72,15 +72,19 @@ def test_run_with_hooks_edits_scores_and_leaves_no_hooks(hooked):
 
 def test_activation_patching_accepts_inputs(hooked):
     model = hooked("llava")
-    clean = model.prepare("What color is the bus ?", noise_image(60, 40, seed=1))
-    corrupt = model.prepare("What color is the bus ?", noise_image(60, 40, seed=2))
+    prompt = "USER: <image>\ncolor ? ASSISTANT:"
+    clean = model.prepare(prompt, noise_image(60, 40, seed=1), template=None)
+    corrupt = model.prepare(prompt, noise_image(60, 40, seed=2), template=None)
     _, clean_cache = model.run_with_cache(clean)
     last = clean.last_position
     metric = lambda logits: logits[0, last].log_softmax(-1).max()
     result = patching.get_act_patch_resid_pre(model, corrupt, clean_cache, metric)
     assert result.shape == (model.cfg.n_layers, clean.seq_len)
-    # Patching the whole clean residual at the last position of layer 0 restores nothing else,
-    # but patching every image position at layer 0 would; check one known identity instead:
+    # Patching position p of resid_pre 0 equals running with that one position of the clean embedding:
+    p = int(clean.image_positions[3])
+    one = model.run_with_hooks(corrupt, fwd_hooks=[("blocks.0.hook_resid_pre", lambda r, hook: torch.cat(
+        [r[:, :p], clean_cache["blocks.0.hook_resid_pre"][:, p : p + 1], r[:, p + 1 :]], 1))])
+    assert torch.allclose(result[0, p], metric(one), atol=1e-5)
     full = model.run_with_hooks(
         corrupt, fwd_hooks=[("blocks.0.hook_resid_pre", lambda r, hook: clean_cache["blocks.0.hook_resid_pre"])]
     )
