@@ -14,9 +14,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: demo test
+# The venv's bin first on PATH, so notebook kernels start from the venv too.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
 demo: $(VENV)/.installed
-	$(VENV)/bin/hooked-vlm demo --out $(OUT)
+	hooked-vlm demo --out $(OUT)
 
 test: $(VENV)/.installed
-	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	ruff check .
+	python -m pytest -q
