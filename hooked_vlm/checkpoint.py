@@ -68,11 +68,14 @@ class DecoderTensors:
                 return prefix + bare
         raise UnsupportedModelError(f"Decoder tensor {name!r} not found in {self.directory}.")
 
-    def __call__(self, name: str) -> torch.Tensor:
+    def __call__(self, name: str, index=None) -> torch.Tensor:
+        """The tensor ``name``, or only ``tensor[index]`` (read from disk without the rest)."""
         key = self._key(name)
-        # One open per tensor: the mapping is released at once, so read pages do not pile up in RSS.
+        # One open per read: the mapping is released at once, so read pages do not pile up in RSS.
         with safe_open(self.directory / self.where[key], framework="pt", device=self.device) as handle:
-            return handle.get_tensor(key)
+            if index is None:
+                return handle.get_tensor(key)
+            return handle.get_slice(key)[index]
 
 
 def load_without_decoder(model_class, directory: Path, config, dtype: torch.dtype, **kwargs):

@@ -134,14 +134,16 @@ class HookedVLM(HookedTransformer):
             vlm = hf_model.eval()
             decoder = dict(hf_model.model.language_model.named_parameters())
             decoder["lm_head.weight"] = hf_model.lm_head.weight
-            get = decoder.__getitem__
+            get = lambda name, index=None: decoder[name] if index is None else decoder[name][index]  # noqa: E731
         cfg = tl_config(config.text_config, dtype=dtype, device=device, fold_ln=fold_ln, n_ctx=n_ctx)
         adapter = ImageAdapter(vlm.model, spec.family)
         with torch.device(device):
             model = cls(cfg, processor, adapter, spec.family, config)
         if getattr(config.text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False):
             untied = get
-            get = lambda name: untied("embed_tokens.weight" if name == "lm_head.weight" else name)  # noqa: E731
+            get = lambda name, index=None: untied(  # noqa: E731
+                "embed_tokens.weight" if name == "lm_head.weight" else name, index
+            )
         with tqdm(total=cfg.n_layers, desc="converting decoder", unit="layer", disable=not progress,
                   leave=False) as bar:
             load_decoder_weights_(model, get, fold_ln=fold_ln, center_unembed=center_unembed,

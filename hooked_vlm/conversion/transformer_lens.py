@@ -20,7 +20,7 @@ from transformer_lens.config.hooked_transformer_config import HookedTransformerC
 from hooked_vlm.errors import UnsupportedModelError
 
 SUPPORTED_DECODERS = ("llama", "mistral")
-_CHUNK = 512
+_ROWS = 2048
 
 
 @contextlib.contextmanager
@@ -104,41 +104,48 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 @torch.no_grad()
 def load_decoder_weights_(
     model,
-    get: Callable[[str], torch.Tensor],
+    get: Callable[..., torch.Tensor],
     *,
     fold_ln: bool,
     center_unembed: bool,
     layer_done: Callable[[int], None] | None = None,
 ) -> None:
-    """Fill the HookedTransformer ``model`` in place from an HF Llama decoder, one layer at a time.
+    """Fill the HookedTransformer ``model`` in place from an HF Llama decoder, one tensor at a time.
 
-    ``get(name)`` returns a tensor by its ``LlamaModel`` name (``"layers.3.mlp.up_proj.weight"``,
-    ``"embed_tokens.weight"``, ``"norm.weight"``) or ``"lm_head.weight"``; it may read lazily from disk,
-    so only one layer's weights are ever held beside the converted model.
+    ``get(name, index=None)`` returns a tensor (or ``tensor[index]``) by its ``LlamaModel`` name
+    (``"layers.3.mlp.up_proj.weight"``, ``"embed_tokens.weight"``, ``"norm.weight"``) or
+    ``"lm_head.weight"``; it may read lazily from disk. Only one weight matrix (or a slice of the
+    embeddings) is held beside the converted model at any time.
     """
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads
     gqa = "_" if cfg.n_key_value_heads is not None else ""
-    _copy(model.embed.W_E, get("embed_tokens.weight"))
+    for i in range(0, cfg.d_vocab, _ROWS):
+        _copy(model.embed.W_E[i : i + _ROWS], get("embed_tokens.weight", slice(i, i + _ROWS)))
     for layer_idx in range(cfg.n_layers):
-        w = {name: get(f"layers.{layer_idx}.{name}") for name in _LAYER_TENSORS}
         params = dict(model.blocks[layer_idx].named_parameters())
-        s1 = w["input_layernorm.weight"][None, :] if fold_ln else 1.0
-        s2 = w["post_attention_layernorm.weight"][:, None] if fold_ln else 1.0
+        w1 = get(f"layers.{layer_idx}.input_layernorm.weight")
+        w2 = get(f"layers.{layer_idx}.post_attention_layernorm.weight")
+        s1 = w1[None, :] if fold_ln else 1.0
+        s2 = w2[:, None] if fold_ln else 1.0
         qkv = (("q", "attn.W_Q", cfg.n_heads), ("k", f"attn.{gqa}W_K", n_kv), ("v", f"attn.{gqa}W_V", n_kv))
         for short, name, heads in qkv:
-            weight = w[f"self_attn.{short}_proj.weight"] * s1
+            weight = get(f"layers.{layer_idx}.self_attn.{short}_proj.weight") * s1
             _copy(params[name], einops.rearrange(weight, "(n h) m -> n m h", n=heads))
-        _copy(params["attn.W_O"], einops.rearrange(w["self_attn.o_proj.weight"], "m (n h) -> n h m", n=cfg.n_heads))
+            del weight
+        o_proj = get(f"layers.{layer_idx}.self_attn.o_proj.weight")
+        _copy(params["attn.W_O"], einops.rearrange(o_proj, "m (n h) -> n h m", n=cfg.n_heads))
+        del o_proj
         for name in ("attn.b_Q", f"attn.{gqa}b_K", f"attn.{gqa}b_V", "attn.b_O", "mlp.b_in", "mlp.b_out"):
             params[name].zero_()
-        _copy(params["mlp.W_in"], w["mlp.up_proj.weight"].T * s2)
-        _copy(params["mlp.W_gate"], w["mlp.gate_proj.weight"].T * s2)
-        _copy(params["mlp.W_out"], w["mlp.down_proj.weight"].T)
+        for hf_name, name, scale in (("up_proj", "mlp.W_in", s2), ("gate_proj", "mlp.W_gate", s2),
+                                     ("down_proj", "mlp.W_out", 1.0)):
+            weight = get(f"layers.{layer_idx}.mlp.{hf_name}.weight").T * scale
+            _copy(params[name], weight)
+            del weight
         if not fold_ln:
-            _copy(params["ln1.w"], w["input_layernorm.weight"])
-            _copy(params["ln2.w"], w["post_attention_layernorm.weight"])
-        del w
+            _copy(params["ln1.w"], w1)
+            _copy(params["ln2.w"], w2)
         if layer_done is not None:
             layer_done(layer_idx)
     wf = get("norm.weight")
@@ -146,26 +153,16 @@ def load_decoder_weights_(
         _copy(model.ln_final.w, wf)
     elif hasattr(model, "final_norm_weight"):
         _copy(model.final_norm_weight, wf)  # lets the logit lens unembed without the final norm
-    lm_head = get("lm_head.weight")  # [d_vocab, d_model]
     W_U = model.unembed.W_U  # [d_model, d_vocab]
-    for i in range(0, cfg.d_model, _CHUNK):
-        rows = lm_head[:, i : i + _CHUNK].T.float()
-        if fold_ln:
-            rows = rows * wf[i : i + _CHUNK, None].float()
-        if center_unembed:
-            rows = rows - rows.mean(-1, keepdim=True)
-        _copy(W_U[i : i + _CHUNK], rows)
+    scale = wf.float() if fold_ln else torch.ones(cfg.d_model)
+    # lm_head is [d_vocab, d_model]: read it in blocks of vocabulary rows (contiguous on disk), twice
+    # when centring, first for the per-dimension mean over the vocabulary, then to write.
+    mean = torch.zeros(cfg.d_model)
+    if center_unembed:
+        for i in range(0, cfg.d_vocab, _ROWS):
+            mean += get("lm_head.weight", slice(i, i + _ROWS)).float().sum(0)
+        mean = mean * scale / cfg.d_vocab
+    for i in range(0, cfg.d_vocab, _ROWS):
+        block = get("lm_head.weight", slice(i, i + _ROWS)).float() * scale - mean  # [rows, d_model]
+        _copy(W_U[:, i : i + _ROWS], block.T)
     model.unembed.b_U.zero_()
-
-
-_LAYER_TENSORS = (
-    "input_layernorm.weight",
-    "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.down_proj.weight",
-)
