@@ -68,6 +68,13 @@ class ShapesRecord:
         with Image.open(self.source) as im:
             return im.convert("RGB")
 
+    @property
+    def question_objects(self) -> list[dict[str, Any]]:
+        """The objects the question names (paper 002's "related" objects); all objects if it names none."""
+        words = set(re.findall(r"[a-z]+", self.question.lower()))
+        named = [o for o in self.objects if str(o["name"]).lower() in words]
+        return named or list(self.objects)
+
     def __getitem__(self, key: str) -> Any:
         if key != "image" and key not in {f.name for f in fields(self)}:
             raise KeyError(key)
