@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="answer shapes questions, run every analysis, write DIR/report.html")
     demo.add_argument("--out", default="report", help="output directory (default: report)")
     demo.add_argument("--model", default="shapes-llava", help="shipped model name, checkpoint dir or hub name")
-    demo.add_argument("--records", type=int, default=120, help="records for the aggregated figures")
+    demo.add_argument("--records", type=int, default=60, help="records for the aggregated figures")
     demo.add_argument("--answers", type=int, default=8, help="questions shown with their images")
     demo.add_argument("--device", default=None, help="cpu, cuda, ... (default: cpu)")
     args = parser.parse_args(argv)

@@ -268,7 +268,7 @@ def _truncation_section(model, records) -> Section:
     )
 
 
-def run_demo(out: str | Path, *, model_name: str = "shapes-llava", n_answers: int = 8, n_records: int = 120,
+def run_demo(out: str | Path, *, model_name: str = "shapes-llava", n_answers: int = 8, n_records: int = 60,
              device: str | None = None, seed: int = DEMO_SEED) -> Path:
     """Run the demo and write ``out/report.html``; returns its path."""
     start = time.perf_counter()
@@ -294,12 +294,12 @@ def run_demo(out: str | Path, *, model_name: str = "shapes-llava", n_answers: in
     example = next((r for r in correct if r.task == "QueryAttr"), correct[0])
     steps = [
         ("attention view", lambda: _attention_view_section(model, example)),
-        ("knockout flows", lambda: _knockout_section(model, correct[:60])),
+        ("knockout flows", lambda: _knockout_section(model, correct[:24])),
         ("per-patch knockout", lambda: _patch_knockout_section(model, example)),
-        ("answer probability", lambda: _answer_probability_section(model, correct)),
+        ("answer probability", lambda: _answer_probability_section(model, correct[:30])),
         ("norm attention", lambda: _norm_attention_section(model, example)),
         ("truncation", lambda: _truncation_section(model, pool[:30])),
-        ("contextualization", lambda: _contextualization_section(model, correct)),
+        ("contextualization", lambda: _contextualization_section(model, correct[:30])),
         ("verbalization", lambda: _verbalization_section(model, pool[:40])),
     ]
     for name, step in tqdm(steps, desc="analyses"):
