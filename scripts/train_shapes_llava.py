@@ -2,12 +2,19 @@
 
     python scripts/train_shapes_llava.py --out hooked_vlm/zoo/shapes-llava
 
-Three stages, all on one stream of fresh records from the shapes world (``hooked_vlm.datasets.shapes``):
+Four stages on fresh records from the shapes world (``hooked_vlm.datasets.shapes``):
 
-1. vision: the CLIP tower learns each patch's colour and shape through throw-away linear heads;
-2. captions: the whole model learns ``"Describe the image."`` -> caption, which teaches its attention to
-   look things up in the image one hop at a time;
-3. questions: the six tasks, with captions mixed in; the two slowest tasks are drawn twice as often.
+1. vision: the CLIP tower learns, for each patch, the colour, shape and position of the object covering
+   it, through throw-away linear heads;
+2. descriptions: the whole model learns three descriptions of the image (the caption; each shape's colour;
+   each shape's place), in which every target word is one lookup in the image away from the word before
+   it (see ``auxiliary``);
+3. questions: the six tasks, with descriptions mixed in; the three tasks that compose two lookups are
+   drawn twice as often;
+4. focus: the two yes/no tasks are drawn twice as often, mixed with one-clause yes/no questions
+   ("Is the circle red?", "Is there a red circle?"). Without them, a yes/no answer has no first-order
+   signal to learn from (it depends on an equality of colours) and both tasks stay at chance for
+   thousands of steps while the other four are solved.
 
 The loss covers only the target tokens after ``"ASSISTANT:"``. CPU only; deterministic for a given ``--seed``
 and ``--threads``. The final accuracy is measured on a seed that training never draws from.
@@ -42,8 +49,13 @@ from hooked_vlm.templates import VICUNA_CHAT_TEMPLATE, vicuna_v1
 from hooked_vlm.testing import build_word_tokenizer
 
 PATCH = 16
+COLORS_QUESTION = "What color is each shape?"
+PLACES_QUESTION = "Where is each shape?"
 EVAL_SEED = 1_000_003  # never drawn for training
+# The three tasks that compose two lookups are drawn twice as often; in the last stage, the two yes/no tasks.
 TRAIN_TASKS = ("ChooseAttr", "QueryAttr", "ChooseRel", "ChooseCat", "CompareAttr", "LogicalObj", "ChooseRel",
+               "CompareAttr", "LogicalObj")
+FOCUS_TASKS = ("ChooseAttr", "QueryAttr", "ChooseRel", "ChooseCat", "CompareAttr", "LogicalObj", "CompareAttr",
                "LogicalObj")
 
 Example = tuple[Image.Image, str, str]  # image, question, target
@@ -51,7 +63,7 @@ Example = tuple[Image.Image, str, str]  # image, question, target
 
 def build(hidden: int = 128, layers: int = 4, heads: int = 4, vision_hidden: int = 128, vision_layers: int = 4):
     """A freshly initialised ``(LlavaForConditionalGeneration, LlavaProcessor)`` for the shapes world."""
-    tokenizer = build_word_tokenizer(shapes.vocabulary())
+    tokenizer = build_word_tokenizer(shapes.vocabulary(), extra_texts=[COLORS_QUESTION, PLACES_QUESTION])
     size = shapes.IMAGE_SIZE
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
@@ -195,12 +207,70 @@ def loss_with_shared_prefix(model: LlavaForConditionalGeneration, batch: dict[st
     ).loss
 
 
-def examples(stream: Iterator[shapes.ShapesRecord], n: int, caption_rate: float, rng: random.Random) -> list[Example]:
-    """The next ``n`` records as questions, each replaced by the caption request with ``caption_rate``."""
-    caption = [rng.random() < caption_rate for _ in range(n)]
+def describe_colors(objects: list[dict]) -> str:
+    """``"circle red , triangle blue"``: each shape present, in a fixed order, followed by its colour."""
+    named = {o["name"]: o for o in objects}
+    return " , ".join(f"{s} {named[s]['color']}" for s in shapes.SHAPES if s in named)
+
+
+def describe_places(objects: list[dict]) -> str:
+    """``"circle left above , triangle right below"``: which half of the image each shape's centre is in."""
+    named = {o["name"]: o for o in objects}
+    half = shapes.IMAGE_SIZE
+    return " , ".join(
+        f"{s} {'left' if 2 * o['x'] + o['w'] < half else 'right'} {'above' if 2 * o['y'] + o['h'] < half else 'below'}"
+        for s in shapes.SHAPES if (o := named.get(s))
+    )
+
+
+def verify(record: shapes.ShapesRecord, rng: random.Random) -> Example:
+    """``"Is the circle red?"``: one shape of the image and its colour or, half the time, another one."""
+    o = rng.choice(record.objects)
+    yes = rng.random() < 0.5
+    color = o["color"] if yes else rng.choice([c for c in shapes.COLORS if c != o["color"]])
+    return record.image, f"Is the {o['name']} {color}?", "yes" if yes else "no"
+
+
+def exists(record: shapes.ShapesRecord, rng: random.Random) -> Example:
+    """``"Is there a red circle?"``: a pair that is in the image half the time; otherwise, half the time a
+    shape of the image in another colour, else any absent pair."""
+    present = sorted((o["color"], o["name"]) for o in record.objects)
+    if rng.random() < 0.5:
+        (color, name), answer = rng.choice(present), "yes"
+    else:
+        absent = [(c, n) for c in shapes.COLORS for n in shapes.SHAPES if (c, n) not in present]
+        near = [(c, n) for c, n in absent if any(n == m for _, m in present)]
+        (color, name), answer = rng.choice(near if near and rng.random() < 0.5 else absent), "no"
+    return record.image, f"Is there a {color} {name}?", answer
+
+
+DESCRIBE, FOCUS = (0, 1, 2), (0, 1, 2, 3, 4, 3, 4)
+
+
+def auxiliary(record: shapes.ShapesRecord, rng: random.Random, kinds: tuple[int, ...] = DESCRIBE) -> Example:
+    """A description of the record's image (kinds 0-2: caption, colours, places) or a one-clause yes/no
+    question about it (3-4: ``verify``, ``exists``).
+
+    In each description, every target word is one lookup in the image away from the word before it (a
+    shape's colour or place right after the shape's name); the one-clause questions check one such lookup
+    against a stated colour. Both teach the decoder the pieces that the six tasks compose."""
+    kind = rng.choice(kinds)
+    if kind == 0:
+        return record.image, shapes.CAPTION_QUESTION, record.caption
+    if kind == 1:
+        return record.image, COLORS_QUESTION, describe_colors(record.objects)
+    if kind == 2:
+        return record.image, PLACES_QUESTION, describe_places(record.objects)
+    return (verify if kind == 3 else exists)(record, rng)
+
+
+def examples(stream: Iterator[shapes.ShapesRecord], n: int, aux_rate: float, rng: random.Random,
+             kinds: tuple[int, ...] = DESCRIBE) -> list[Example]:
+    """The next ``n`` records as their questions, each replaced by an ``auxiliary`` example with ``aux_rate``."""
+    aux = [rng.random() < aux_rate for _ in range(n)]
     return [
-        (r.image, shapes.CAPTION_QUESTION, r.caption) if c else (r.image, r.question, r.answer)
-        for r, c in zip(islice(stream, n), caption)
+        auxiliary(r, rng, kinds) if d else (r.image, r.question, r.answer)
+        for r, d in zip(islice(stream, n), aux)
     ]
 
 
@@ -235,41 +305,58 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vision-steps", type=int, default=600, help="stage 1, batches of 64 images")
-    parser.add_argument("--caption-steps", type=int, default=600, help="stage 2")
-    parser.add_argument("--steps", type=int, default=3000, help="stage 3")
+    parser.add_argument("--vision-steps", type=int, default=1200, help="stage 1, batches of 64 images")
+    parser.add_argument("--vision-lr", type=float, default=1e-3)
+    parser.add_argument("--aux-steps", type=int, default=600, help="stage 2: auxiliary examples only")
+    parser.add_argument("--steps", type=int, default=3500, help="stage 3: questions and descriptions")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--caption-rate", type=float, default=0.2, help="share of captions in stage 3")
-    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--tower-lr-scale", type=float, default=1.0, help="vision tower lr / lr in stages 2-3")
+    parser.add_argument("--aux-rate", type=float, default=0.25, help="share of descriptions in stage 3")
+    parser.add_argument("--focus-steps", type=int, default=4500, help="stage 4: yes/no questions weighted up")
+    parser.add_argument("--focus-aux-rate", type=float, default=0.4,
+                        help="share of auxiliary examples in stage 4 (4 in 7 of them one-clause yes/no questions)")
+    parser.add_argument("--heads", type=int, default=4, help="decoder query heads (half as many KV heads)")
+    parser.add_argument("--decay", type=float, default=0.2, help="final share of steps over which lr decays to 0")
+    parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--eval-n", type=int, default=1200)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="the shipped weights used 1")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     stream = shapes.generate(10**9, args.seed, tasks=TRAIN_TASKS)
-    model, processor = build()
+    model, processor = build(heads=args.heads)
     model.train()
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
     start = time.time()
-    pretrain_vision(model, processor, stream, args.vision_steps, 64, args.lr)
+    pretrain_vision(model, processor, stream, args.vision_steps, 64, args.vision_lr)
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.98),
-    )
-    total = args.caption_steps + args.steps
-    # Warm up, hold through the captions, then a cosine down to zero over stage 3.
-    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * max(0, s - args.caption_steps) / args.steps))
+    tower = set(model.model.vision_tower.parameters())
+    groups = []
+    for in_tower in (False, True):
+        params = [p for p in model.parameters() if (p in tower) == in_tower]
+        lr = args.lr * (args.tower_lr_scale if in_tower else 1.0)
+        groups += [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.05, "lr": lr},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": lr},
+        ]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
+    total = args.aux_steps + args.steps + args.focus_steps
+    focus = shapes.generate(10**9, args.seed + 1, tasks=FOCUS_TASKS)
+    # Warm up, hold, then a cosine down to zero over the last ``decay`` of the steps.
+    hold = total - int(args.decay * total)
+    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * max(0, s - hold) / max(1, total - hold)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 100, cosine(s)))
     losses: list[float] = []
     for step in range(total):
-        caption_rate = 1.0 if step < args.caption_steps else args.caption_rate
-        loss = loss_with_shared_prefix(model, collate(processor, examples(stream, args.batch_size, caption_rate, rng)))
+        if step < args.aux_steps + args.steps:
+            rate = 1.0 if step < args.aux_steps else args.aux_rate
+            batch = examples(stream, args.batch_size, rate, rng)
+        else:
+            batch = examples(focus, args.batch_size, args.focus_aux_rate, rng, FOCUS)
+        loss = loss_with_shared_prefix(model, collate(processor, batch))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
