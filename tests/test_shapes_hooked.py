@@ -55,7 +55,7 @@ def test_bf16_top1_agrees_with_transformers_bf16(shapes_models, records):
     mask = inputs.attention_mask.bool()
     top2 = fp32.log_softmax(-1).topk(2, -1).values
     clear = mask & (top2[..., 0] - top2[..., 1] > 0.1)
-    assert clear.sum() > 0.8 * mask.sum()
+    assert clear.sum() > 0.6 * mask.sum()  # most positions are clear, so the next check means something
     assert (ours == theirs)[clear].float().mean() >= 0.99
     assert torch.equal(ours[:, -1], theirs[:, -1])
     hf_own = (fp32.argmax(-1) == theirs)[mask].float().mean()

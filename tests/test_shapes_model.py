@@ -15,7 +15,7 @@ from hooked_vlm.datasets import shapes
 from hooked_vlm.templates import VICUNA_SYSTEM, chat_messages, vicuna_v1
 
 TEST_SEED = 4242  # training used seed 0 and monitored on 1_000_003
-N_EVAL = 360
+N_EVAL = 600  # 100 per task, as in the model card
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,7 @@ def test_greedy_accuracy_per_task(shipped):
             hits[r.task].append(a.strip().lower() == r.answer)
     accuracy = {task: sum(h) / len(h) for task, h in hits.items()}
     assert set(accuracy) == set(shapes.TASKS) and all(len(h) == N_EVAL // 6 for h in hits.values())
-    # The bar is 97% on every task. The shipped weights reach it on ChooseAttr and QueryAttr only;
-    # ChooseRel and LogicalObj are still near chance (docs/shapes-llava.md). These floors guard the shipped model.
-    floors = {"ChooseAttr": 0.97, "QueryAttr": 0.97, "ChooseCat": 0.9, "CompareAttr": 0.8,
-              "ChooseRel": 0.4, "LogicalObj": 0.4}
+    # The bar is 97% on every task. The shipped weights reach it on five; CompareAttr does not yet
+    # (0.91 on 600 samples, docs/shapes-llava.md), and its floor guards the shipped model.
+    floors = dict.fromkeys(shapes.TASKS, 0.97) | {"CompareAttr": 0.85}
     assert all(accuracy[task] >= floor for task, floor in floors.items()), accuracy
