@@ -11,8 +11,8 @@ Four stages on fresh records from the shapes world (``hooked_vlm.datasets.shapes
    it (see ``auxiliary``);
 3. questions: the six tasks, with descriptions mixed in; the three tasks that compose two lookups are
    drawn twice as often;
-4. focus: the two yes/no tasks are drawn twice as often, mixed with one-clause yes/no questions
-   ("Is the circle red?", "Is there a red circle?"). Without them, a yes/no answer has no first-order
+4. focus: the two yes/no tasks are drawn twice as often, mixed with descriptions and one-clause yes/no
+   questions ("Is the circle red?", "Is there a red circle?"). Without them, a yes/no answer has no first-order
    signal to learn from (it depends on an equality of colours) and both tasks stay at chance for
    thousands of steps while the other four are solved.
 
