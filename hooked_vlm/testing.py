@@ -132,6 +132,22 @@ def tiny_vision_config(image_size: int = 28, patch_size: int = 7, hidden: int = 
     )
 
 
+def llava_processor(tokenizer, image_size: int, patch_size: int, chat_template: str) -> LlavaProcessor:
+    """A LLaVA-1.5 ``LlavaProcessor``: CLIP preprocessing to ``image_size`` squares, CLS dropped from the
+    ``(image_size // patch_size) ** 2`` image tokens."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template,
+    )
+
+
 def build_tiny(
     family: Family = "llava",
     *,
@@ -171,17 +187,7 @@ def build_tiny(
             projector_hidden_act="gelu",
         )
         model = LlavaForConditionalGeneration(config)
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-        )
-        processor = LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=tokenizer.chat_template,
-        )
+        processor = llava_processor(tokenizer, image_size, patch_size, tokenizer.chat_template)
     else:
         pinpoints = [[image_size, image_size * 2], [image_size * 2, image_size], [image_size * 2, image_size * 2]]
         config = LlavaNextConfig(

@@ -42,11 +42,10 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from hooked_vlm.datasets import shapes
 from hooked_vlm.templates import VICUNA_CHAT_TEMPLATE, vicuna_v1
-from hooked_vlm.testing import build_word_tokenizer
+from hooked_vlm.testing import build_word_tokenizer, llava_processor
 
 PATCH = 16
 COLORS_QUESTION = "What color is each shape?"
@@ -101,16 +100,7 @@ def build(hidden: int = 128, layers: int = 4, heads: int = 4, vision_hidden: int
     )
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=VICUNA_CHAT_TEMPLATE,
-    )
-    return model, processor
+    return model, llava_processor(tokenizer, size, PATCH, VICUNA_CHAT_TEMPLATE)
 
 
 # --- stage 1: vision ------------------------------------------------------------------------------------
