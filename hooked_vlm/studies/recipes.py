@@ -108,7 +108,13 @@ class Context:
 @dataclass(frozen=True)
 class Study:
     """A named recipe. ``options`` are its options with their defaults; ``rows(model, record, ctx)`` gives one
-    record's rows (without the record columns) and a dict of per-record facts (e.g. ``correct``)."""
+    record's rows (without the record columns) and a dict of per-record facts (e.g. ``correct``).
+
+    ``batch_rows(model, [(index, record), ...], ctx)``, when set, does the same for several records at once (a
+    chunk of a run, or all records of :func:`run_study`) and returns one ``(rows, facts)`` per record, in order;
+    it batches records into forwards as its analysis allows. Its rows must equal those of ``rows`` record by
+    record (up to float rounding).
+    """
 
     name: str
     title: str
@@ -119,6 +125,7 @@ class Study:
     columns: list[str]
     option_help: dict[str, str] = field(default_factory=dict)
     prompt_kinds: tuple[str, ...] = PROMPT_KINDS
+    batch_rows: Callable[[Any, list[tuple[int, Any]], Context], list[tuple[pd.DataFrame, dict]]] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "__doc__", f"{self.title}: {self.figure} of {self.papers}. Options (defaults): "
@@ -402,10 +409,19 @@ def study_rows(study: Study, model, records, ctx: Context, start: int = 0, on_re
                ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rows and per-record facts of ``records`` (indices ``start, start+1, ...``)."""
     frames, facts = [], []
-    for offset, record in enumerate(records):
-        index = start + offset
-        ctx.index = index
-        rows, info = study.rows(model, record, ctx)
+    indexed = list(enumerate(records, start))
+    if study.batch_rows is not None:
+        results = study.batch_rows(model, indexed, ctx)
+        if len(results) != len(indexed):
+            raise RunError(f"Study {study.name!r} returned {len(results)} results for {len(indexed)} records.")
+    else:
+        results = None
+    for k, (index, record) in enumerate(indexed):
+        if results is None:
+            ctx.index = index
+            rows, info = study.rows(model, record, ctx)
+        else:
+            rows, info = results[k]
         rid, task = record_id(record, index), task_of(record)
         if len(rows):
             rows = rows.assign(record=index, record_id=rid, task=task)
