@@ -138,8 +138,19 @@ def _add_run_parser(sub, formatter) -> None:
                      "default: the analysis's own")
     run.add_argument("--chunk-size", type=positive_int, default=8, metavar="K",
                      help="records per stored chunk; a killed run loses at most one chunk (default: 8)")
-    run.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
-                     help="process the chunks whose index is I modulo N (default: 0/1)")
+    run.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                     help="process the chunks whose index is I modulo N, into the same RUN_DIR as the other shards "
+                     "(default: taken from SLURM_ARRAY_TASK_ID, _MIN and _COUNT or _MAX in a SLURM job array, else "
+                     "0/1)")
+    run.add_argument("--backend", choices=("local", "ray"), default="local",
+                     help="local: this process computes the chunks; ray: Ray actors do, one model copy each "
+                     "(needs pip install 'hooked-vlm[ray]'; RUN_DIR on a filesystem every node sees) "
+                     "(default: local)")
+    run.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                     help="--backend ray: actors; without --address a local Ray instance with N CPUs is started "
+                     "(default: the CPU count; with --address: the cluster's GPUs for --device cuda, else its nodes)")
+    run.add_argument("--address", default=None, metavar="ADDR",
+                     help="--backend ray: an existing Ray cluster (auto, HOST:PORT, ray://HOST:10001)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar (the per-chunk lines stay)")
     opts = run.add_argument_group("study options (each study takes some of them; default: the study's own)")
     opts.add_argument("--window", type=positive_int, default=None,
@@ -229,18 +240,40 @@ def _run_study(args: argparse.Namespace, argv: list[str] | None) -> int:
         flags = ", ".join("--" + k.replace("_", "-") for k in unused)
         return _error(f"{args.study} takes no {flags}; its options: "
                       + (", ".join("--" + k.replace("_", "-") for k in study.options) or "none"))
+    if args.backend != "ray" and (args.workers is not None or args.address is not None):
+        return _error("--workers and --address go with --backend ray")
+    shard = args.shard
+    if shard is None:
+        from hooked_vlm.studies.runs import slurm_shard
+
+        shard = slurm_shard()
+        if shard is not None:
+            import os
+
+            print(f"{PROG}: shard {shard[0]}/{shard[1]} taken from SLURM (SLURM_ARRAY_TASK_ID="
+                  f"{os.environ['SLURM_ARRAY_TASK_ID']})", file=sys.stderr, flush=True)
     spec = DataSpec(args.data, format=args.format, images_dir=args.images_dir, split=args.split, limit=args.limit,
                     seed=args.seed, task=args.task)
     run_args = RunArgs(args.study, args.model, spec, given, dtype=args.dtype, device=args.device,
-                       batch_size=args.batch_size, chunk_size=args.chunk_size, shard=args.shard,
+                       batch_size=args.batch_size, chunk_size=args.chunk_size, shard=shard or (0, 1),
                        progress=not args.no_progress)
     try:
-        execute(out, run_args, argv=list(sys.argv[1:] if argv is None else argv))
+        execute(out, run_args, argv=list(sys.argv[1:] if argv is None else argv), backend=args.backend,
+                workers=args.workers, address=args.address)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; {out} keeps the chunks written so far: run the same command again to resume",
               file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
-    print(f"{PROG}: run complete in {out}; 'hooked-vlm report {out}' draws its figures", file=sys.stderr, flush=True)
+    from hooked_vlm.studies.runs import chunk_files, read_manifest
+
+    manifest = read_manifest(out)
+    left = -(-int(manifest["n_records"]) // int(manifest["chunk_size"])) - len(chunk_files(out))
+    if left:
+        print(f"{PROG}: shard {run_args.shard[0]}/{run_args.shard[1]} complete in {out}; {left} chunk(s) of other "
+              f"shards to go, then 'hooked-vlm report {out}'", file=sys.stderr, flush=True)
+    else:
+        print(f"{PROG}: run complete in {out}; 'hooked-vlm report {out}' draws its figures", file=sys.stderr,
+              flush=True)
     return 0
 
 

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,14 +155,92 @@ def _check_dir(run_dir: Path) -> dict | None:
     return None
 
 
-def execute(run_dir: str | Path, args: RunArgs, *, model=None, argv: list[str] | None = None) -> Path:
-    """Run (or resume) ``args`` into ``run_dir``; returns ``run_dir``.
+SLURM_VARS = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX",
+              "SLURM_ARRAY_TASK_STEP")
 
-    Arguments, data and options are checked against an existing manifest before the model loads, the weights
-    right after. ``model`` is an already loaded model (else ``args.model`` is loaded).
+
+def slurm_shard(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """The shard ``(i, n)`` of a SLURM array task, or None outside a job array (no ``SLURM_ARRAY_TASK_ID``).
+
+    ``i = (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP`` (MIN 0 and STEP 1 when unset),
+    ``n = SLURM_ARRAY_TASK_COUNT``, or ``(MAX - MIN) / STEP + 1`` when COUNT is unset. So ``--array=0-3``,
+    ``--array=1-4`` and ``--array=0-6:2`` each give the shards 0/4 .. 3/4.
 
     Raises:
-        RunError: an unknown study or option, a directory of another run (the message says what differs).
+        RunError: a variable that is not an integer, or values that do not form an evenly spaced array
+            containing the task (e.g. ``--array=1,2,7``: give ``--shard`` explicitly); the message names the
+            variable.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_ARRAY_TASK_ID", "").strip() == "":
+        return None
+    values: dict[str, int] = {}
+    for name in SLURM_VARS:
+        text = env.get(name, "").strip()
+        if text == "":
+            continue
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise RunError(f"{name}={text!r} is not an integer (a SLURM job array sets it to one).") from None
+    task, low, step = values["SLURM_ARRAY_TASK_ID"], values.get("SLURM_ARRAY_TASK_MIN", 0), \
+        values.get("SLURM_ARRAY_TASK_STEP", 1)
+    if step < 1:
+        raise RunError(f"SLURM_ARRAY_TASK_STEP={step} must be at least 1.")
+    if task < low or (task - low) % step:
+        raise RunError(f"SLURM_ARRAY_TASK_ID={task} is not in the array SLURM_ARRAY_TASK_MIN={low}, "
+                       f"SLURM_ARRAY_TASK_STEP={step}; give --shard I/N explicitly.")
+    spaced = None
+    if "SLURM_ARRAY_TASK_MAX" in values:
+        high = values["SLURM_ARRAY_TASK_MAX"]
+        if high < task or (high - low) % step:
+            raise RunError(f"SLURM_ARRAY_TASK_MAX={high} does not fit SLURM_ARRAY_TASK_ID={task}, "
+                           f"SLURM_ARRAY_TASK_MIN={low}, SLURM_ARRAY_TASK_STEP={step}; give --shard I/N explicitly.")
+        spaced = (high - low) // step + 1
+    count = values.get("SLURM_ARRAY_TASK_COUNT", spaced)
+    if count is None:
+        raise RunError("SLURM_ARRAY_TASK_ID is set but neither SLURM_ARRAY_TASK_COUNT nor SLURM_ARRAY_TASK_MAX is: "
+                       "the number of shards is unknown; give --shard I/N explicitly.")
+    if spaced is not None and count != spaced:
+        raise RunError(f"SLURM_ARRAY_TASK_COUNT={count} but SLURM_ARRAY_TASK_MIN={low}..SLURM_ARRAY_TASK_MAX="
+                       f"{values['SLURM_ARRAY_TASK_MAX']} step {step} spans {spaced} tasks: the array is not evenly "
+                       "spaced (e.g. --array=1,2,7); use --array=0-(N-1) or give --shard I/N explicitly.")
+    i = (task - low) // step
+    if not 0 <= i < count:
+        raise RunError(f"SLURM_ARRAY_TASK_ID={task} gives shard {i} but SLURM_ARRAY_TASK_COUNT={count}.")
+    return i, count
+
+
+@dataclass
+class Plan:
+    """A run checked against its directory before any model loads (see :func:`plan_run`)."""
+
+    run_dir: Path
+    args: RunArgs
+    study: Any
+    options: dict
+    records: list
+    manifest: dict  # the identity entries; the model's are added by :func:`commit_manifest`
+    old: dict | None  # the directory's manifest, None for a new run
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-len(self.records) // self.args.chunk_size)
+
+    def chunk_records(self, chunk: int) -> list:
+        k = self.args.chunk_size
+        return self.records[chunk * k : (chunk + 1) * k]
+
+    def context(self) -> Context:
+        return Context(self.options, batch_size=self.args.batch_size, seed=self.args.data.seed)
+
+
+def plan_run(run_dir: str | Path, args: RunArgs) -> Plan:
+    """Check ``args``, the data and ``run_dir`` (the identity entries of an existing manifest); loads no model.
+
+    Raises:
+        RunError: an unknown study or option, a bad chunk size or shard, a non-empty directory without a manifest,
+            no records, a directory of another run (the message says what differs).
     """
     run_dir = Path(run_dir)
     study = get_study(args.study)
@@ -191,59 +271,136 @@ def execute(run_dir: str | Path, args: RunArgs, *, model=None, argv: list[str] |
         if diff:
             raise RunError(f"{run_dir} holds another run; it differs in " + "; ".join(diff)
                            + ". Use a new --out directory (or the original arguments to resume).")
+    return Plan(run_dir, args, study, options, records, manifest, old)
+
+
+def model_facts(model) -> dict:
+    """The manifest entries taken from a loaded model: weights fingerprint, dtype, shape, device."""
+    cfg = model.cfg
+    return {"weights": weights_fingerprint(model), "dtype": str(cfg.dtype),
+            "model_config": {"n_layers": cfg.n_layers, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
+                             "d_vocab": cfg.d_vocab},
+            "device": str(cfg.device)}
+
+
+def check_model(run_dir: Path, manifest: dict, facts: dict, who: str = "") -> None:
+    """Raises RunError when ``facts`` (of :func:`model_facts`) differ from ``manifest`` in weights or dtype."""
+    diff = _differences(manifest, facts, MODEL_IDENTITY)
+    if diff:
+        raise RunError(f"{run_dir} was run with other model weights{who}; it differs in " + "; ".join(diff) + ".")
+
+
+def commit_manifest(plan: Plan, facts: dict, argv: list[str] | None = None) -> dict:
+    """Check the loaded model's ``facts`` against an existing manifest, or write the manifest of a new run;
+    returns the manifest in force.
+
+    Raises:
+        RunError: other weights or dtype than the directory's run.
+    """
+    if plan.old is not None:
+        check_model(plan.run_dir, plan.old, facts)
+        return plan.old
+    manifest = dict(plan.manifest)
+    manifest.update({
+        "weights": facts["weights"], "dtype": facts["dtype"], "model_config": facts["model_config"],
+        "versions": versions(),
+        "execution": {"device": facts["device"], "batch_size": plan.args.batch_size},
+        "command": argv,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(plan.run_dir / MANIFEST, manifest)
+    plan.old = manifest
+    return manifest
+
+
+def pending_chunks(plan: Plan) -> tuple[list[int], list[int]]:
+    """``(mine, todo)``: the chunks of this shard, and those of them not written yet. Removes the temporary files
+    that an interrupted session of this shard left."""
+    i, n = plan.args.shard
+    mine = [c for c in range(plan.n_chunks) if c % n == i]
+    if not plan.run_dir.is_dir():
+        return mine, list(mine)
+    tag = f"-shard-{i}of{n}.parquet."
+    for stale in plan.run_dir.glob(".rows-*.tmp"):
+        if tag in stale.name:
+            stale.unlink(missing_ok=True)
+    present = chunk_files(plan.run_dir)
+    return mine, [c for c in mine if c not in present]
+
+
+def compute_chunk(plan: Plan, model, chunk: int, ctx: Context | None = None, on_record=None) -> tuple[Path, int]:
+    """Compute and write chunk ``chunk`` (atomically); returns its file and its number of rows."""
+    k = plan.args.chunk_size
+    rows, facts = study_rows(plan.study, model, plan.chunk_records(chunk), ctx or plan.context(), start=chunk * k,
+                             on_record=on_record)
+    return write_chunk(plan.run_dir / chunk_name(chunk, plan.args.shard), rows, facts), len(rows)
+
+
+def chunk_line(plan: Plan, chunk: int, n_rows: int, seconds: float, path: Path, where: str = "") -> str:
+    k = plan.args.chunk_size
+    last = min(len(plan.records), (chunk + 1) * k) - 1
+    return (f"chunk {chunk + 1}/{plan.n_chunks}: records {chunk * k}-{last}, {n_rows} rows, {seconds:.1f}s -> "
+            f"{path.name}{where}")
+
+
+BACKENDS = ("local", "ray")
+
+
+def execute(run_dir: str | Path, args: RunArgs, *, model=None, argv: list[str] | None = None,
+            backend: str = "local", workers: int | None = None, address: str | None = None) -> Path:
+    """Run (or resume) ``args`` into ``run_dir``; returns ``run_dir``.
+
+    Arguments, data and options are checked against an existing manifest before the model loads, the weights
+    right after. ``model`` is an already loaded model (else ``args.model`` is loaded).
+
+    ``backend="ray"`` runs the chunks of ``args.shard`` on Ray actors, each loading ``args.model`` once (see
+    :func:`hooked_vlm.studies.ray_backend.run_ray`): ``workers`` actors on a local Ray instance started with
+    ``workers`` CPUs, or on the cluster at ``address``; Ray is imported only then.
+
+    Raises:
+        RunError: an unknown study or option, a directory of another run (the message says what differs), an
+            unknown backend, ``workers``/``address`` without ``backend="ray"``.
+        OptionalDependencyError: ``backend="ray"`` without Ray installed.
+    """
+    if backend not in BACKENDS:
+        raise RunError(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if backend == "ray":
+        if model is not None:
+            raise RunError("backend='ray' loads the model in each worker: pass no model.")
+        from hooked_vlm.studies.ray_backend import run_ray
+
+        return run_ray(run_dir, args, workers=workers, address=address, argv=argv)
+    if workers is not None or address is not None:
+        raise RunError("workers and address apply to backend='ray' only.")
+    plan = plan_run(run_dir, args)
     if model is None:
         from hooked_vlm import HookedVLM
 
         model = HookedVLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
-    manifest["weights"] = weights_fingerprint(model)
-    manifest["dtype"] = str(model.cfg.dtype)
-    if old is not None:
-        diff = _differences(old, manifest, MODEL_IDENTITY)
-        if diff:
-            raise RunError(f"{run_dir} was run with other model weights; it differs in " + "; ".join(diff) + ".")
-    else:
-        cfg = model.cfg
-        manifest.update({
-            "model_config": {"n_layers": cfg.n_layers, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
-                             "d_vocab": cfg.d_vocab},
-            "versions": versions(),
-            "execution": {"device": str(cfg.device), "batch_size": args.batch_size},
-            "command": argv,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(run_dir / MANIFEST, manifest)
-    _run_chunks(run_dir, study, model, records, Context(options, batch_size=args.batch_size, seed=args.data.seed), args)
-    return run_dir
+    commit_manifest(plan, model_facts(model), argv)
+    _run_chunks(plan, model)
+    return plan.run_dir
 
 
-def _run_chunks(run_dir: Path, study, model, records: list, ctx: Context, args: RunArgs) -> None:
+def _run_chunks(plan: Plan, model) -> None:
     from tqdm.auto import tqdm
 
-    tag = f"-shard-{args.shard[0]}of{args.shard[1]}.parquet."
-    for stale in run_dir.glob(".rows-*.tmp"):
-        if tag in stale.name:
-            stale.unlink(missing_ok=True)
-    k, (i, n) = args.chunk_size, args.shard
-    n_chunks = -(-len(records) // k)
-    mine = [c for c in range(n_chunks) if c % n == i]
-    present = chunk_files(run_dir)
-    todo = [c for c in mine if c not in present]
-    size = lambda c: min(k, len(records) - c * k)  # noqa: E731
+    mine, todo = pending_chunks(plan)
+    size = lambda c: len(plan.chunk_records(c))  # noqa: E731
     total = sum(size(c) for c in mine)
     done = total - sum(size(c) for c in todo)
     if done:
-        tqdm.write(f"{run_dir}: resuming, {len(mine) - len(todo)} of {len(mine)} chunks already written",
+        tqdm.write(f"{plan.run_dir}: resuming, {len(mine) - len(todo)} of {len(mine)} chunks already written",
                    file=sys.stderr)
-    bar = tqdm(total=total, initial=done, unit="rec", desc=study.name, disable=not args.progress, file=sys.stderr)
+    bar = tqdm(total=total, initial=done, unit="rec", desc=plan.study.name, disable=not plan.args.progress,
+               file=sys.stderr)
+    ctx = plan.context()
     try:
         for c in todo:
             t0 = time.perf_counter()
-            rows, facts = study_rows(study, model, records[c * k : c * k + size(c)], ctx, start=c * k,
-                                     on_record=lambda: bar.update(1))
-            path = write_chunk(run_dir / chunk_name(c, args.shard), rows, facts)
-            tqdm.write(f"chunk {c + 1}/{n_chunks}: records {c * k}-{c * k + size(c) - 1}, {len(rows)} rows, "
-                       f"{time.perf_counter() - t0:.1f}s -> {path.name}", file=sys.stderr)
+            path, n_rows = compute_chunk(plan, model, c, ctx, on_record=lambda: bar.update(1))
+            tqdm.write(chunk_line(plan, c, n_rows, time.perf_counter() - t0, path), file=sys.stderr)
     finally:
         bar.close()
 
