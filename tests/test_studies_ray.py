@@ -1,0 +1,82 @@
+"""The Ray backend on a local Ray instance with two CPU workers: its rows equal a local run's, row for row, also
+when it resumes a local run's directory and when a worker process dies in the middle of a chunk."""
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray", reason="the Ray backend needs ray (pip install 'hooked-vlm[ray]'; in the dev extra)")
+
+from hooked_vlm import HookedVLM  # noqa: E402
+from hooked_vlm.studies import DataSpec, RunArgs, execute, load  # noqa: E402
+from hooked_vlm.studies.ray_backend import run_ray  # noqa: E402
+from hooked_vlm.studies.runs import chunk_files  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT = 4
+
+
+def _args(shard=(0, 1)):
+    return RunArgs("norm-attention", "shapes-llava", DataSpec("shapes", limit=LIMIT, seed=5), {}, chunk_size=1,
+                   shard=shard, progress=False)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance (two CPUs) for the module; its workers import this checkout's hooked_vlm."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    patch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HookedVLM.from_pretrained("shapes-llava", device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model):
+    out = tmp_path_factory.mktemp("local") / "run"
+    execute(out, _args(), model=model)
+    return load(out)
+
+
+def _same(rows, reference):
+    assert rows.attrs["complete"] and len(rows) > 0
+    pd.testing.assert_frame_equal(rows, reference, check_exact=False, rtol=0, atol=1e-6)
+    pd.testing.assert_frame_equal(rows.attrs["records"], reference.attrs["records"])
+    assert rows.attrs["manifest"]["weights"] == reference.attrs["manifest"]["weights"]
+
+
+def test_ray_run_equals_local_run(local_ray, reference, model, tmp_path, capsys):
+    fresh = tmp_path / "ray"
+    execute(fresh, _args(), backend="ray", workers=2)
+    err = capsys.readouterr().err
+    assert "4 of 4 chunks to do on 2 Ray actor(s)" in err and "chunk 4/4" in err
+    _same(load(fresh), reference)
+    assert sorted(p.name for p in chunk_files(fresh).values()) == [f"rows-{c:06d}-shard-0of1.parquet"
+                                                                   for c in range(LIMIT)]
+
+    resumed = tmp_path / "resumed"  # half written locally (shard 0/2), finished by Ray
+    execute(resumed, _args(shard=(0, 2)), model=model)
+    capsys.readouterr()
+    run_ray(resumed, _args(), workers=2)
+    err = capsys.readouterr().err
+    assert "2 of 4 chunks to do on 2 Ray actor(s)" in err and "chunk 2/4" in err and "chunk 1/4" not in err
+    _same(load(resumed), reference)
+
+
+def test_a_dead_worker_s_chunk_is_run_again(local_ray, reference, tmp_path, capsys):
+    out = tmp_path / "ray"
+    run_ray(out, _args(), workers=2, _die_once={1})  # the actor given chunk index 1 exits after its first record
+    err = capsys.readouterr().err
+    assert "died on chunk 2" in err and "chunk 2 re-queued" in err
+    assert err.count("chunk 2/4: records 1-1") == 1
+    _same(load(out), reference)
+    assert not list(out.glob(".rows-*"))  # no temporary file left behind
