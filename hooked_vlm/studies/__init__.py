@@ -3,7 +3,8 @@
 - :data:`STUDIES`: name -> :class:`Study` (its options with defaults; ``STUDIES[name].__doc__`` names the paper
   figure it reproduces);
 - :func:`run_study`: one study on records in memory, a long-form DataFrame;
-- :func:`execute`: a run into a run directory (manifest + Parquet chunks), resumable;
+- :func:`execute`: a run into a run directory (manifest + Parquet chunks), resumable, sharded (``RunArgs.shard``)
+  or on Ray actors (``backend="ray"``, see docs/scale.md);
 - :func:`load`: the rows of a run directory.
 """
 

@@ -8,7 +8,10 @@ A run directory holds
   with the per-record facts (``record, record_id, task, n_rows, correct``) in the file's metadata.
 
 Each chunk is written to a temporary file in the same directory and renamed into place, so a chunk file is
-either complete or absent. A restarted run skips the chunks present and computes the others.
+either complete or absent. A restarted run skips the chunks present and computes the others. Shard ``i`` of ``n``
+(``--shard``, or a SLURM array task: :func:`slurm_shard`) computes the chunks ``c`` with ``c % n == i``; the
+Ray backend (:mod:`hooked_vlm.studies.ray_backend`) shares :func:`plan_run`, :func:`commit_manifest` and
+:func:`compute_chunk` with the local one.
 """
 
 from __future__ import annotations
