@@ -1,7 +1,9 @@
 """The Ray backend on a local Ray instance with two CPU workers: its rows equal a local run's, row for row, also
 when it resumes a local run's directory and when a worker process dies in the middle of a chunk."""
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -9,10 +11,10 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the Ray backend needs ray (pip install 'hooked-vlm[ray]'; in the dev extra)")
 
-from hooked_vlm import HookedVLM  # noqa: E402
+from hooked_vlm import HookedVLM, RunError  # noqa: E402
 from hooked_vlm.studies import DataSpec, RunArgs, execute, load  # noqa: E402
 from hooked_vlm.studies.ray_backend import run_ray  # noqa: E402
-from hooked_vlm.studies.runs import chunk_files  # noqa: E402
+from hooked_vlm.studies.runs import MANIFEST, chunk_files  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 4
@@ -41,10 +43,15 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, model):
+def reference_dir(tmp_path_factory, model):
     out = tmp_path_factory.mktemp("local") / "run"
     execute(out, _args(), model=model)
-    return load(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    return load(reference_dir)
 
 
 def _same(rows, reference):
@@ -80,3 +87,20 @@ def test_a_dead_worker_s_chunk_is_run_again(local_ray, reference, tmp_path, caps
     assert err.count("chunk 2/4: records 1-1") == 1
     _same(load(out), reference)
     assert not list(out.glob(".rows-*"))  # no temporary file left behind
+
+
+def test_ray_refuses_a_directory_of_other_weights_or_data(local_ray, reference_dir, tmp_path):
+    out = Path(shutil.copytree(reference_dir, tmp_path / "other"))
+    for path in list(chunk_files(out).values())[2:]:
+        path.unlink()
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["weights"] = "0" * 64
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(RunError, match=r"other model weights \(Ray actor on .*differs in weights: \"0000"):
+        run_ray(out, _args(), workers=2)
+    other = RunArgs("norm-attention", "shapes-llava", DataSpec("shapes", limit=LIMIT, seed=6), {}, chunk_size=1,
+                    progress=False)
+    with pytest.raises(RunError, match="data_fingerprint"):  # checked before any actor starts
+        run_ray(out, other, workers=2)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp

@@ -64,7 +64,9 @@ class ChunkWorker:
 
     def facts(self) -> dict:
         """The model's manifest entries (:func:`~hooked_vlm.studies.runs.model_facts`) and where it runs."""
-        return {**model_facts(self.model), "where": self.where}
+        import hooked_vlm
+
+        return {**model_facts(self.model), "where": self.where, "hooked_vlm": hooked_vlm.__version__}
 
     def run_chunk(self, chunk: int, die: bool = False) -> tuple[int, int, float, str, str]:
         """Compute and write ``chunk``; returns ``(chunk, n_rows, seconds, file name, where)``. ``die`` ends the
@@ -107,6 +109,8 @@ def run_ray(run_dir: str | Path, args: RunArgs, *, workers: int | None = None, a
     """
     ray = import_ray()
     from tqdm.auto import tqdm
+
+    import hooked_vlm
 
     if workers is not None and workers < 1:
         raise RunError(f"workers must be at least 1, got {workers}.")
@@ -186,6 +190,9 @@ def run_ray(run_dir: str | Path, args: RunArgs, *, workers: int | None = None, a
                 raise
             if chunk is None:
                 who = f" (Ray actor on {result['where']})"
+                if result["hooked_vlm"] != hooked_vlm.__version__:
+                    raise RunError(f"The Ray actor on {result['where']} has hooked_vlm {result['hooked_vlm']}, the "
+                                   f"driver {hooked_vlm.__version__}: install the same version on every node.")
                 if manifest is None:
                     manifest = commit_manifest(plan, result, argv)
                 else:
