@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hooked_vlm import HookedVLM, OptionalDependencyError, RunError
 from hooked_vlm.cli import main
 from hooked_vlm.studies import DataSpec, RunArgs, execute, load
-from hooked_vlm.studies.runs import MANIFEST, SLURM_VARS, chunk_files, slurm_shard
+from hooked_vlm.studies.runs import MANIFEST, SLURM_VARS, chunk_files, commit_manifest, plan_run, slurm_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 5
@@ -166,3 +166,26 @@ def test_ray_is_imported_only_when_asked_for(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     assert (tmp_path / "run" / MANIFEST).is_file()
+
+
+def test_shards_starting_together_never_overwrite_the_manifest(tmp_path):
+    """Two shards plan a new run before either wrote the manifest (the model loads in between): the second
+    joins the first's run, or is refused if its arguments or weights differ; the manifest stays the first's."""
+    out = tmp_path / "run"
+    facts = {"weights": "w1", "dtype": "torch.float32", "model_config": {}, "device": "cpu"}
+
+    def args(limit=2, shard=(0, 2)):
+        return RunArgs("norm-attention", "shapes-llava", DataSpec("shapes", limit=limit), {}, chunk_size=1,
+                       shard=shard)
+
+    first, same, other_data, other_weights = (plan_run(out, args()), plan_run(out, args(shard=(1, 2))),
+                                              plan_run(out, args(limit=3)), plan_run(out, args(shard=(1, 2))))
+    assert first.old is None and same.old is None and other_data.old is None
+    written = commit_manifest(first, facts, ["first"])
+    text = (out / MANIFEST).read_text()
+    assert commit_manifest(same, facts, ["second"]) == written
+    with pytest.raises(RunError, match="n_records: 2 in the run directory, 3 now"):
+        commit_manifest(other_data, facts, ["third"])
+    with pytest.raises(RunError, match="other model weights; it differs in weights: \"w1\" in the run directory"):
+        commit_manifest(other_weights, {**facts, "weights": "w2"}, ["fourth"])
+    assert (out / MANIFEST).read_text() == text and sorted(p.name for p in out.iterdir()) == [MANIFEST]

@@ -80,12 +80,6 @@ def _json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=list))
 
 
-def _write_json_atomic(path: Path, value: dict) -> None:
-    from hooked_vlm.report import write_atomic
-
-    write_atomic(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-
-
 def read_manifest(run_dir: str | Path) -> dict:
     """The run directory's manifest.
 
@@ -270,11 +264,15 @@ def plan_run(run_dir: str | Path, args: RunArgs) -> Plan:
         "model": args.model,
     }
     if old is not None:
-        diff = _differences(old, manifest, IDENTITY)
-        if diff:
-            raise RunError(f"{run_dir} holds another run; it differs in " + "; ".join(diff)
-                           + ". Use a new --out directory (or the original arguments to resume).")
+        _check_identity(run_dir, old, manifest)
     return Plan(run_dir, args, study, options, records, manifest, old)
+
+
+def _check_identity(run_dir: Path, old: dict, manifest: dict) -> None:
+    diff = _differences(old, manifest, IDENTITY)
+    if diff:
+        raise RunError(f"{run_dir} holds another run; it differs in " + "; ".join(diff)
+                       + ". Use a new --out directory (or the original arguments to resume).")
 
 
 def model_facts(model) -> dict:
@@ -312,9 +310,39 @@ def commit_manifest(plan: Plan, facts: dict, argv: list[str] | None = None) -> d
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     plan.run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(plan.run_dir / MANIFEST, manifest)
+    if not _create_exclusive(plan.run_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"):
+        # another shard started this run while the model loaded: join it, or refuse as a resume would
+        plan.old = read_manifest(plan.run_dir)
+        _check_identity(plan.run_dir, plan.old, plan.manifest)
+        check_model(plan.run_dir, plan.old, facts)
+        return plan.old
     plan.old = manifest
     return manifest
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` atomically unless ``path`` exists; False when it does (hard link of a temporary
+    file: atomic on local and NFS filesystems; a filesystem without hard links gets exists-then-rename)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def pending_chunks(plan: Plan) -> tuple[list[int], list[int]]:
