@@ -123,92 +123,105 @@ def run_ray(run_dir: str | Path, args: RunArgs, *, workers: int | None = None, a
         else:
             ray.init(address=address)
         started = True
-    cuda = str(args.device or "cpu").startswith("cuda")
-    if workers is None:
-        if address is None and started:
-            workers = os.cpu_count() or 1
-        else:
-            resources = ray.cluster_resources()
-            workers = int(resources.get("GPU", 0)) if cuda else sum(1 for n in ray.nodes() if n.get("Alive"))
-            workers = max(1, workers)
-    n_actors = max(1, min(workers, len(todo)))
-    restarts_left = n_actors if max_restarts is None else max_restarts
-    actor_class = ray.remote(ChunkWorker).options(num_cpus=1, num_gpus=1 if cuda else 0, max_restarts=0)
-    actors: list = [None] * n_actors
-    inflight: dict = {}  # object ref -> (slot, chunk or None for the model facts)
-    queue, idle, died_once = deque(todo), [], set()
-    manifest = plan.old
-
-    def start(slot: int) -> None:
-        actors[slot] = actor_class.remote(str(plan.run_dir), args)
-        inflight[actors[slot].facts.remote()] = (slot, None)
-
-    def give(slot: int) -> None:
-        if not queue:
-            idle.append(slot)
-            return
-        chunk = queue.popleft()
-        die = chunk in _die_once and chunk not in died_once
-        died_once.add(chunk)
-        inflight[actors[slot].run_chunk.remote(chunk, die)] = (slot, chunk)
-
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="chunk", desc=f"{plan.study.name} (ray)",
-               disable=not args.progress, file=sys.stderr)
-    tqdm.write(f"{plan.run_dir}: {len(todo)} of {len(mine)} chunks to do on {n_actors} Ray actor(s)",
-               file=sys.stderr)
     try:
-        for slot in range(n_actors):
-            start(slot)
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            slot, chunk = inflight.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except ray.exceptions.RayActorError as err:
-                ray.kill(actors[slot], no_restart=True)
-                actors[slot] = None
-                if chunk is not None and (plan.run_dir / chunk_name(chunk, args.shard)).is_file():
-                    bar.update(1)  # written before the death
-                elif chunk is not None:
-                    queue.appendleft(chunk)
-                what = "loading the model" if chunk is None else f"on chunk {chunk + 1}"
-                tqdm.write(f"Ray actor {slot} died {what} ({type(err).__name__}); "
-                           + (f"chunk {chunk + 1} re-queued" if chunk is not None else "no chunk lost"),
-                           file=sys.stderr)
-                while queue and idle:
-                    give(idle.pop())
-                if restarts_left > 0 and (queue or manifest is None):
-                    restarts_left -= 1
-                    start(slot)
-                elif not inflight and (queue or manifest is None):
-                    raise RunError(f"Every Ray actor died with {len(queue)} chunk(s) of {plan.run_dir} left; the "
-                                   "chunks written are kept: run the same command again to resume.") from err
-                continue
-            except ray.exceptions.RayTaskError as err:
-                if isinstance(err.cause, HookedVLMError):
-                    raise err.cause from None
-                raise
-            if chunk is None:
-                who = f" (Ray actor on {result['where']})"
-                if result["hooked_vlm"] != hooked_vlm.__version__:
-                    raise RunError(f"The Ray actor on {result['where']} has hooked_vlm {result['hooked_vlm']}, the "
-                                   f"driver {hooked_vlm.__version__}: install the same version on every node.")
-                if manifest is None:
-                    manifest = commit_manifest(plan, result, argv)
-                else:
-                    check_model(plan.run_dir, manifest, result, who)
-                give(slot)
+        cuda = str(args.device or "cpu").startswith("cuda")
+        if workers is None:
+            if address is None and started:
+                workers = os.cpu_count() or 1
             else:
-                _, n_rows, seconds, name, where = result
-                bar.update(1)
-                tqdm.write(chunk_line(plan, chunk, n_rows, seconds, plan.run_dir / name, f" [actor {slot}, {where}]"),
-                           file=sys.stderr)
-                give(slot)
+                resources = ray.cluster_resources()
+                workers = int(resources.get("GPU", 0)) if cuda else sum(1 for n in ray.nodes() if n.get("Alive"))
+                workers = max(1, workers)
+        kind = "GPU" if cuda else "CPU"
+        room = int(ray.cluster_resources().get(kind, 0))
+        if room < 1:
+            raise RunError(f"--device {args.device} asks one {kind} per Ray actor, but the Ray cluster has no {kind}.")
+        if workers > room:
+            tqdm.write(f"{workers} workers asked, the Ray cluster has {room} {kind}(s): {room} actor(s)",
+                       file=sys.stderr)
+        n_actors = max(1, min(workers, room, len(todo)))
+        restarts_left = n_actors if max_restarts is None else max_restarts
+        actor_class = ray.remote(ChunkWorker).options(num_cpus=1, num_gpus=1 if cuda else 0, max_restarts=0)
+        actors: list = [None] * n_actors
+        inflight: dict = {}  # object ref -> (slot, chunk or None for the model facts)
+        queue, idle, died_once = deque(todo), [], set()
+        manifest = plan.old
+
+        def start(slot: int) -> None:
+            actors[slot] = actor_class.remote(str(plan.run_dir), args)
+            inflight[actors[slot].facts.remote()] = (slot, None)
+
+        def give(slot: int) -> None:
+            if not queue:
+                idle.append(slot)
+                return
+            chunk = queue.popleft()
+            die = chunk in _die_once and chunk not in died_once
+            died_once.add(chunk)
+            inflight[actors[slot].run_chunk.remote(chunk, die)] = (slot, chunk)
+
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="chunk", desc=f"{plan.study.name} (ray)",
+                   disable=not args.progress, file=sys.stderr)
+        tqdm.write(f"{plan.run_dir}: {len(todo)} of {len(mine)} chunks to do on {n_actors} Ray actor(s)",
+                   file=sys.stderr)
+        try:
+            for slot in range(n_actors):
+                start(slot)
+            while inflight:
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                slot, chunk = inflight.pop(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except ray.exceptions.RayActorError as err:
+                    ray.kill(actors[slot], no_restart=True)
+                    actors[slot] = None
+                    if chunk is not None and (plan.run_dir / chunk_name(chunk, args.shard)).is_file():
+                        bar.update(1)
+                        tqdm.write(f"Ray actor {slot} died after writing chunk {chunk + 1} ({type(err).__name__})",
+                                   file=sys.stderr)
+                    elif chunk is not None:
+                        queue.appendleft(chunk)
+                        tqdm.write(f"Ray actor {slot} died on chunk {chunk + 1} ({type(err).__name__}); chunk "
+                                   f"{chunk + 1} re-queued", file=sys.stderr)
+                    else:
+                        tqdm.write(f"Ray actor {slot} died loading the model ({type(err).__name__})", file=sys.stderr)
+                    while queue and idle:
+                        give(idle.pop())
+                    if restarts_left > 0 and (queue or manifest is None):
+                        restarts_left -= 1
+                        start(slot)
+                    elif not inflight and (queue or manifest is None):
+                        raise RunError(f"Every Ray actor died with {len(queue)} chunk(s) of {plan.run_dir} left; the "
+                                       "chunks written are kept: run the same command again to resume.") from err
+                    continue
+                except ray.exceptions.RayTaskError as err:
+                    if isinstance(err.cause, HookedVLMError):
+                        raise err.cause from None
+                    raise
+                if chunk is None:
+                    who = f" (Ray actor on {result['where']})"
+                    if result["hooked_vlm"] != hooked_vlm.__version__:
+                        raise RunError(f"The Ray actor on {result['where']} has hooked_vlm {result['hooked_vlm']}, the "
+                                       f"driver {hooked_vlm.__version__}: install the same version on every node.")
+                    if manifest is None:
+                        manifest = commit_manifest(plan, result, argv)
+                    else:
+                        check_model(plan.run_dir, manifest, result, who)
+                    give(slot)
+                else:
+                    _, n_rows, seconds, name, where = result
+                    bar.update(1)
+                    line = chunk_line(plan, chunk, n_rows, seconds, plan.run_dir / name, f" [actor {slot}, {where}]")
+                    tqdm.write(line, file=sys.stderr)
+                    give(slot)
+            if queue:  # unreachable: a death with chunks left restarts an actor or raises
+                raise RunError(f"{len(queue)} chunk(s) of {plan.run_dir} were not run; run the same command again.")
+        finally:
+            bar.close()
+            for actor in actors:
+                if actor is not None:
+                    ray.kill(actor, no_restart=True)
     finally:
-        bar.close()
-        for actor in actors:
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
         if started:
             ray.shutdown()
     return plan.run_dir
