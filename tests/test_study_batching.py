@@ -200,3 +200,17 @@ def test_records_without_captions_or_questions_give_no_rows_batched(model, recor
         single = per_record("verbalization", model, recs, prompts=["question"])
     assert_same_rows(batched, single)
     assert batched.attrs["records"]["n_rows"].tolist() == [10, 0, 10]
+
+
+def test_batched_rows_on_instructblip(records):
+    """InstructBLIP batches: padding moved left of the queries, the Q-Former instruction padded too."""
+    from hooked_vlm.testing import build_tiny_instructblip
+
+    hf, proc = build_tiny_instructblip(seed=0)
+    iblip = HookedVLM.from_pretrained("iblip", hf_model=hf, processor=proc, device="cpu", progress=False)
+    assert iblip.prepare([r.question for r in records], [r.image for r in records]).has_padding
+    for name, options in [("answer-emergence", {"only_correct": False}), ("verbalization", {"prompts": ["question"]}),
+                          ("contextualization", {}), ("norm-attention", {})]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert_same_rows(run_study(name, iblip, records, **options), per_record(name, iblip, records, **options))
