@@ -1,7 +1,8 @@
 """The studies: named recipes from (model, records, options) to long-form rows.
 
-Each recipe runs the per-example analyses of :mod:`hooked_vlm.analysis` on one record at a time and turns their
-results into rows; nothing here computes an analysis itself. Every row has the columns
+Each recipe runs the per-example analyses of :mod:`hooked_vlm.analysis` on one record at a time (a study's
+``batch_rows``: on a chunk's inputs in left-padded batches, through the batched analyses) and turns their results
+into rows; nothing here computes an analysis itself. Every row has the columns
 
 ``record`` (index in the data's order), ``record_id``, ``task``, ``condition``, ``x``, ``value``
 
