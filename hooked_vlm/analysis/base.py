@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -26,6 +26,7 @@ __all__ = [
     "check_in_sequence",
     "check_single",
     "correct_only",
+    "examples",
     "hook_positions",
     "record_field",
     "record_inputs",
@@ -142,10 +143,22 @@ def correct_only(model, *, template: str | None = "auto", vqa_suffix: bool = Fal
     answer, stripped and lowercased, equals the record's answer."""
 
     def keep(record) -> bool:
-        inputs = record_inputs(model, record, template=template, vqa_suffix=vqa_suffix)
-        return model.answer(inputs)[0] == str(record_field(record, "answer")).strip().lower()
+        return answers_correct(model, record_inputs(model, record, template=template, vqa_suffix=vqa_suffix),
+                               [record])[0]
 
     return keep
+
+
+def answers_correct(model, inputs, records: Sequence) -> list[bool]:
+    """:func:`correct_only` for a (left-padded) batch at once: greedy answers of ``inputs``, one per record.
+
+    Raises:
+        PromptError: not one record per example.
+    """
+    if len(records) != inputs.batch_size:
+        raise PromptError(f"{len(records)} records for a batch of {inputs.batch_size} examples.")
+    answers = model.answer(inputs)
+    return [a == str(record_field(r, "answer")).strip().lower() for a, r in zip(answers, records)]
 
 
 def record_field(record, name: str):
@@ -155,6 +168,26 @@ def record_field(record, name: str):
         KeyError, AttributeError: the record has no such field.
     """
     return record[name] if isinstance(record, dict) else getattr(record, name)
+
+
+def examples(inputs) -> list[tuple[object, int]]:
+    """Each example of a left-padded batch alone (``inputs[b]``, padding dropped) with its padding width: its
+    position ``p`` is column ``p + offset`` of the batch. A single example gives ``[(inputs, 0)]``.
+
+    Raises:
+        PromptError: an example whose padding is not all on the left.
+    """
+    if inputs.batch_size == 1 and not inputs.has_padding:
+        return [(inputs, 0)]
+    out = []
+    for b in range(inputs.batch_size):
+        mask = inputs.attention_mask[b].bool()
+        offset = int((~mask).sum())
+        if mask[offset:].sum() != len(mask) - offset:
+            raise PromptError(f"Example {b} of the batch is not left-padded (its attention mask has a 0 after a 1); "
+                              "prepare batches with model.prepare.")
+        out.append((inputs[b], offset))
+    return out
 
 
 def check_single(inputs) -> None:

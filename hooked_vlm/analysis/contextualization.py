@@ -28,6 +28,7 @@ from hooked_vlm.analysis.base import (
     AnalysisResult,
     aggregate,
     check_single,
+    examples,
     record_field,
     record_inputs,
 )
@@ -234,6 +235,42 @@ def contextualization(
     """
     inputs = as_vlm_inputs(model, inputs)
     check_single(inputs)
+    image, text = _position_sets(inputs, image, text)
+    return _contextualize(model, inputs, [(inputs, 0)], [(image, text)])[0]
+
+
+@torch.no_grad()
+def contextualization_batch(
+    model,
+    inputs,
+    *,
+    image: Sequence[Int[Tensor, " n"] | Sequence[int] | None] | None = None,
+    text: Sequence[Int[Tensor, " m"] | Sequence[int] | None] | None = None,
+) -> list[ContextualizationResult]:
+    """:func:`contextualization` of every example of a left-padded batch from one forward pass: ``result[b]``
+    equals ``contextualization(model, inputs[b], image=image[b], text=text[b])`` up to float rounding.
+
+    ``image`` and ``text`` give one entry per example (None: that example's default), in its own positions
+    (those of ``inputs[b]``, padding dropped). Each hook keeps three numbers per example.
+
+    Raises:
+        PromptError: as :func:`contextualization`; not one ``image`` / ``text`` entry per example; a batch that
+            is not left-padded.
+    """
+    inputs = as_vlm_inputs(model, inputs)
+    singles = examples(inputs)
+    n = len(singles)
+    for what, given in (("image", image), ("text", text)):
+        if given is not None and (isinstance(given, Tensor) or len(given) != n):
+            raise PromptError(f"{what}= must give one entry per example of the batch of {n}; got {given!r}.")
+    image = [None] * n if image is None else list(image)
+    text = [None] * n if text is None else list(text)
+    sets = [_position_sets(single, i, t) for (single, _), i, t in zip(singles, image, text)]
+    return _contextualize(model, inputs, singles, sets)
+
+
+def _position_sets(inputs, image, text) -> tuple[Int[Tensor, " n"], Int[Tensor, " m"]]:
+    """The checked image and text positions of a one-example input (warning as :func:`contextualization` says)."""
     n = inputs.seq_len
 
     def resolve(values, what: str) -> Tensor:
@@ -258,16 +295,27 @@ def contextualization(
     if len(shared):
         warn_selection(f"The image and text sets share positions {shared.tolist()}: the inter-modal mean includes "
                        "self-pairs (cosine 1).")
+    return image, text
+
+
+def _contextualize(model, inputs, singles: list, sets: list[tuple[Tensor, Tensor]]) -> list[ContextualizationResult]:
+    """One forward of ``inputs``; per example ``(inputs[b], padding)`` of ``singles`` the curves of ``sets[b]``."""
     names = resid_hook_names(model.cfg.n_layers)
-    stats: dict[str, tuple[float, float, float]] = {}
+    columns = [(image + offset, text + offset) for (image, text), (_, offset) in zip(sets, singles)]
+    stats: dict[str, list[tuple[float, float, float]]] = {}
 
     def hook(act: Float[Tensor, "batch seq d_model"], hook) -> None:
-        v, w = act[0, image.to(act.device)], act[0, text.to(act.device)]
-        stats[hook.name] = (mean_cosines(v, w), mean_cosines(v), mean_cosines(w))
+        stats[hook.name] = []
+        for b, (image, text) in enumerate(columns):
+            v, w = act[b, image.to(act.device)], act[b, text.to(act.device)]
+            stats[hook.name].append((mean_cosines(v, w), mean_cosines(v), mean_cosines(w)))
 
     model.run_with_hooks(inputs, fwd_hooks=[(lambda name: name in names, hook)], return_type=None)
-    values = torch.tensor([stats[name] for name in names], dtype=torch.float64)
-    return ContextualizationResult(values[:, 0], values[:, 1], values[:, 2], image, text)
+    out = []
+    for b, (image, text) in enumerate(sets):
+        values = torch.tensor([stats[name][b] for name in names], dtype=torch.float64)
+        out.append(ContextualizationResult(values[:, 0], values[:, 1], values[:, 2], image, text))
+    return out
 
 
 # --------------------------------------------------------------------------- over records

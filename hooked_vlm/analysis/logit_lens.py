@@ -34,6 +34,7 @@ from hooked_vlm.analysis.base import (
     aggregate,
     check_single,
     correct_only,
+    examples,
     record_field,
     record_inputs,
 )
@@ -95,6 +96,30 @@ def _collect(model, inputs, pos: Int[Tensor, " pos"]) -> Float[Tensor, "layer po
         collector = ResidualCollector(model.cfg.n_layers, pos)
     model.run_with_hooks(inputs, fwd_hooks=collector.fwd_hooks, return_type=None)
     return collector.stack()[:, 0]
+
+
+def _collect_examples(model, inputs, columns: list[Int[Tensor, " pos"]]) -> list[Float[Tensor, "layer pos d_model"]]:
+    """Lens residuals of each example ``b`` of a batch at its own batch columns ``columns[b]``, layers ``0..L``.
+
+    The hooks keep only those rows."""
+    names = resid_hook_names(model.cfg.n_layers)
+    wanted = set(names)
+    store: dict[str, list[Tensor]] = {}
+
+    def hook(act: Float[Tensor, "batch seq d_model"], hook) -> None:
+        store[hook.name] = [act[b, cols.to(act.device)].detach() for b, cols in enumerate(columns)]
+
+    model.run_with_hooks(inputs, fwd_hooks=[(wanted.__contains__, hook)], return_type=None)
+    return [torch.stack([store[name][b] for name in names]) for b in range(len(columns))]
+
+
+def _per_example(values, n: int, what: str) -> list:
+    """``values`` as one entry per example (None: ``[None] * n``)."""
+    if values is None:
+        return [None] * n
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != n:
+        raise PromptError(f"{what} must give one entry per example of the batch of {n}; got {values!r}.")
+    return list(values)
 
 
 # --------------------------------------------------------------------------- the lens itself
@@ -343,10 +368,37 @@ def logit_lens(
     """
     inputs = as_vlm_inputs(model, inputs)
     check_single(inputs)
-    pos = _positions(inputs, positions)
-    resid = _collect(model, inputs, pos)
-    labels = model.to_str_tokens(inputs)
-    return LogitLensResult(resid, pos, [labels[i] for i in pos.tolist()], apply_ln, model, chunk_size)
+    return _lens(model, inputs, [(inputs, 0)], [_positions(inputs, positions)], apply_ln, chunk_size)[0]
+
+
+def logit_lens_batch(
+    model, inputs, *, positions: Sequence | None = None, apply_ln: bool = True, chunk_size: int = DEFAULT_CHUNK
+) -> list[LogitLensResult]:
+    """:func:`logit_lens` of every example of a left-padded batch from one forward pass: ``result[b]`` equals
+    ``logit_lens(model, inputs[b], positions=positions[b])`` up to float rounding.
+
+    Args:
+        positions: one entry per example, in that example's own positions (those of ``inputs[b]``, padding
+            dropped), as :func:`logit_lens` takes them; default every position of every example.
+
+    Raises:
+        PromptError: not one ``positions`` entry per example, bad positions, a batch that is not left-padded.
+    """
+    inputs = as_vlm_inputs(model, inputs)
+    singles = examples(inputs)
+    wanted = _per_example(positions, len(singles), "positions")
+    pos = [_positions(single, p) for (single, _), p in zip(singles, wanted)]
+    return _lens(model, inputs, singles, pos, apply_ln, chunk_size)
+
+
+def _lens(model, inputs, singles: list, pos: list[Tensor], apply_ln: bool, chunk_size: int) -> list[LogitLensResult]:
+    """One forward of ``inputs``; per example ``(inputs[b], padding)`` of ``singles`` its lens at ``pos[b]``."""
+    resid = _collect_examples(model, inputs, [p + offset for p, (_, offset) in zip(pos, singles)])
+    out = []
+    for r, p, (single, _) in zip(resid, pos, singles):
+        labels = model.to_str_tokens(single)
+        out.append(LogitLensResult(r, p, [labels[i] for i in p.tolist()], apply_ln, model, chunk_size))
+    return out
 
 
 # --------------------------------------------------------------------------- answer probability (Zhang et al., sec. 7)
@@ -400,6 +452,38 @@ def answer_probability(
             that of ``<unk>``), named with its word; an empty word.
     """
     inputs = as_vlm_inputs(model, inputs)
+    spelled, ids = _answer_ids(model, answer, false_option)
+    lens = logit_lens(model, inputs, positions=[inputs.last_position], apply_ln=apply_ln)
+    return _answer_result(lens, spelled, ids, apply_ln)
+
+
+def answer_probability_batch(
+    model,
+    inputs,
+    answers: Sequence[str],
+    *,
+    false_options: Sequence[str | None] | None = None,
+    apply_ln: bool = True,
+) -> list[AnswerProbabilityResult]:
+    """:func:`answer_probability` of every example of a left-padded batch from one forward pass, with one answer
+    (and false option, or None) per example: ``result[b]`` equals ``answer_probability(model, inputs[b],
+    answers[b], false_option=false_options[b])`` up to float rounding.
+
+    Raises:
+        PromptError: as :func:`answer_probability`; not one answer (false option) per example.
+    """
+    inputs = as_vlm_inputs(model, inputs)
+    singles = examples(inputs)
+    answers = _per_example(answers, len(singles), "answers")
+    words = [_answer_ids(model, a, f) for a, f in zip(answers, _per_example(false_options, len(singles),
+                                                                                "false_options"))]
+    last = [torch.tensor([single.last_position]) for single, _ in singles]
+    lenses = _lens(model, inputs, singles, last, apply_ln, DEFAULT_CHUNK)
+    return [_answer_result(lens, spelled, ids, apply_ln) for lens, (spelled, ids) in zip(lenses, words)]
+
+
+def _answer_ids(model, answer: str, false_option: str | None) -> tuple[dict[str, str], dict[str, int]]:
+    """Per condition of :class:`AnswerProbabilityResult`, the spelling and its first token id."""
     words = {"answer": answer} | ({"false": false_option} if false_option else {})
     spelled = {f"{who}_{case}": s for who, w in words.items() for case, s in spellings(w).items()}
     ids = {}
@@ -412,7 +496,11 @@ def answer_probability(
     if false_option and ids["false_lower"] == ids["answer_lower"]:
         warn_selection(f"The answer {answer!r} and the false option {false_option!r} start with the same token "
                        f"{ids['answer_lower']}: their curves are identical.")
-    lens = logit_lens(model, inputs, positions=[inputs.last_position], apply_ln=apply_ln)
+    return spelled, ids
+
+
+def _answer_result(lens: LogitLensResult, spelled: dict[str, str], ids: dict[str, int], apply_ln: bool
+                   ) -> AnswerProbabilityResult:
     probs = lens._map(lambda lp: lp[0, list(ids.values())]).exp()
     return AnswerProbabilityResult({c: probs[:, i] for i, c in enumerate(ids)}, spelled, ids, apply_ln)
 
@@ -487,16 +575,54 @@ def visual_verbalization(
     An empty caption, or one of stop words only, warns (:class:`~hooked_vlm.errors.SelectionWarning`): recall is
     then NaN at every layer and precision 0 or NaN."""
     inputs = as_vlm_inputs(model, inputs)
+    _check_caption(caption, stop_words)
+    positions = image_token_positions(inputs)
+    if len(positions) == 0:
+        raise PromptError("The input has no image tokens.")
+    lens = logit_lens(model, inputs, positions=positions, apply_ln=apply_ln)
+    return _verbalize(model, lens, caption, stop_words)
+
+
+def visual_verbalization_batch(
+    model,
+    inputs,
+    captions: Sequence[str | Sequence[str]],
+    *,
+    apply_ln: bool = True,
+    stop_words: frozenset[str] = STOP_WORDS,
+) -> list[VerbalizationResult]:
+    """:func:`visual_verbalization` of every example of a left-padded batch from one forward pass, with one
+    caption (or list of captions) per example: ``result[b]`` equals ``visual_verbalization(model, inputs[b],
+    captions[b])`` up to float rounding (and the rare top-1 tie it can flip).
+
+    Raises:
+        PromptError: as :func:`visual_verbalization` (naming the example without image tokens); not one caption
+            entry per example.
+    """
+    inputs = as_vlm_inputs(model, inputs)
+    singles = examples(inputs)
+    captions = _per_example(captions, len(singles), "captions")
+    for caption in captions:
+        _check_caption(caption, stop_words)
+    positions = [image_token_positions(single) for single, _ in singles]
+    empty = [b for b, p in enumerate(positions) if len(p) == 0]
+    if empty:
+        raise PromptError(f"Examples {empty} of the batch have no image tokens.")
+    lenses = _lens(model, inputs, singles, positions, apply_ln, DEFAULT_CHUNK)
+    return [_verbalize(model, lens, caption, stop_words) for lens, caption in zip(lenses, captions)]
+
+
+def _check_caption(caption, stop_words: frozenset[str]) -> None:
     captions = [caption] if isinstance(caption, str) else list(caption)
     if not all(isinstance(c, str) for c in captions):
         raise PromptError(f"caption must be a string or a list of strings; got {caption!r}.")
     if not any(content_words(c, stop_words) for c in captions):
         warn_selection(f"The caption {caption!r} has no content words (it is empty or all stop words): recall is "
                        "NaN and precision is 0 or NaN at every layer.")
-    positions = image_token_positions(inputs)
-    if len(positions) == 0:
-        raise PromptError("The input has no image tokens.")
-    lens = logit_lens(model, inputs, positions=positions, apply_ln=apply_ln)
+
+
+def _verbalize(model, lens: LogitLensResult, caption, stop_words: frozenset[str]) -> VerbalizationResult:
+    """Scores of the top-1 tokens of ``lens`` (at the image positions) against ``caption``."""
     top1 = lens._map(lambda lp: lp.argmax(-1))
     cache: dict[int, str] = {}
     precision, recall, decoded = [], [], []
@@ -507,7 +633,8 @@ def visual_verbalization(
         precision.append(p)
         recall.append(r)
         decoded.append(words)
-    return VerbalizationResult(torch.tensor(precision), torch.tensor(recall), top1, decoded, caption_words, positions)
+    return VerbalizationResult(torch.tensor(precision), torch.tensor(recall), top1, decoded, caption_words,
+                               lens.positions)
 
 
 # --------------------------------------------------------------------------- over records

@@ -22,9 +22,8 @@ import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 
-from hooked_vlm.analysis.base import AnalysisResult
+from hooked_vlm.analysis.base import AnalysisResult, examples
 from hooked_vlm.errors import PromptError
-from hooked_vlm.hooks import pattern_rows, record
 from hooked_vlm.inputs import VLMInputs
 from hooked_vlm.plot import escape_labels, line_style
 from hooked_vlm.positions import Positions, as_integers, as_vlm_inputs, positions
@@ -197,43 +196,97 @@ def norm_attention(
     inputs = as_vlm_inputs(model, inputs)
     if inputs.batch_size != 1:
         raise PromptError("norm_attention takes one example; pass inputs[i].")
+    layers = _layers(model, layers)
+    query = _queries(inputs, query_positions)
+    return _norm_attention(model, inputs, [(inputs, 0)], [query], layers)[0]
+
+
+@torch.no_grad()
+def norm_attention_batch(
+    model,
+    inputs: VLMInputs,
+    *,
+    query_positions: list[Positions | None] | None = None,
+    layers: Iterable[int] | None = None,
+) -> list[NormAttentionResult]:
+    """:func:`norm_attention` of every example of a left-padded batch from one forward pass: ``result[b]`` equals
+    ``norm_attention(model, inputs[b], query_positions=query_positions[b], layers=layers)`` up to float
+    rounding, in that example's own positions (padding dropped).
+
+    ``query_positions`` gives one entry per example (None: its last position). The hooks compute each layer's
+    norms as it runs and keep only them (``[head, query, key]`` per example), never the values of every layer.
+
+    Raises:
+        PromptError: as :func:`norm_attention`; not one ``query_positions`` entry per example; a batch that is not
+            left-padded.
+    """
+    inputs = as_vlm_inputs(model, inputs)
+    layers = _layers(model, layers)
+    singles = examples(inputs)
+    if query_positions is None:
+        query_positions = [None] * len(singles)
+    if not isinstance(query_positions, (list, tuple)) or len(query_positions) != len(singles):
+        raise PromptError(f"query_positions must give one entry per example of the batch of {len(singles)}; got "
+                          f"{query_positions!r}.")
+    queries = [_queries(single, q) for (single, _), q in zip(singles, query_positions)]
+    return _norm_attention(model, inputs, singles, queries, layers)
+
+
+def _layers(model, layers: Iterable[int] | None) -> list[int]:
     n_layers = model.cfg.n_layers
     layers = list(range(n_layers)) if layers is None else sorted(set(as_integers(layers, "Layers").tolist()))
     if not layers or any(not 0 <= x < n_layers for x in layers):
         raise PromptError(f"layers must be non-empty and within 0..{n_layers - 1}; got {layers}.")
+    return layers
+
+
+def _queries(inputs: VLMInputs, query_positions: Positions | None) -> Int[torch.Tensor, " query"]:
     query = positions(inputs, "last" if query_positions is None else query_positions)
     if len(query) == 0:
         raise PromptError("No query positions given.")
-    rows = query.to(model.cfg.device)
-    patterns: dict[str, torch.Tensor] = {}
-    values: dict[str, torch.Tensor] = {}
+    return query
+
+
+def _norm_attention(model, inputs: VLMInputs, singles: list, queries: list[torch.Tensor], layers: list[int]
+                    ) -> list[NormAttentionResult]:
+    """One forward of ``inputs``; per example ``(inputs[b], padding)`` of ``singles`` the norms of ``queries[b]``.
+
+    ``hook_v`` runs before ``hook_pattern`` in each attention layer: the pattern hook turns the values it left into
+    norms at once, on the example's own keys."""
+    rows = [(q + offset).to(model.cfg.device) for q, (_, offset) in zip(queries, singles)]
+    values: dict[int, torch.Tensor] = {}
+    norms: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in singles]
+
+    def keep_values(v: Float[torch.Tensor, "batch key value_head d_head"], hook) -> None:
+        values[hook.layer()] = v.detach()
+
+    def to_norms(pattern: Float[torch.Tensor, "batch head query key"], hook) -> None:
+        layer = hook.layer()
+        v = values.pop(layer)
+        for b, (row, (_, offset)) in enumerate(zip(rows, singles)):
+            h, s = norms_from_values(pattern[b][:, row, offset:], v[b, offset:], model.blocks[layer].attn.W_O)
+            norms[b][layer] = (h.cpu(), s.cpu())
 
     hooks = []
     for layer in layers:
-        hooks += [(f"blocks.{layer}.attn.hook_pattern", pattern_rows(patterns, rows)),
-                  (f"blocks.{layer}.attn.hook_v", record(values))]
+        hooks += [(f"blocks.{layer}.attn.hook_v", keep_values), (f"blocks.{layer}.attn.hook_pattern", to_norms)]
     model.run_with_hooks(inputs, fwd_hooks=hooks, stop_at_layer=layers[-1] + 1)
-    per_head, summed = [], []
-    for layer in layers:
-        pattern = patterns.pop(f"blocks.{layer}.attn.hook_pattern")[0]
-        value = values.pop(f"blocks.{layer}.attn.hook_v")[0]
-        h, s = norms_from_values(pattern, value, model.blocks[layer].attn.W_O)
-        per_head.append(h.cpu())
-        summed.append(s.cpu())
-    image = inputs.image_positions
-    try:
-        question = inputs.question_positions
-    except PromptError:
-        question = torch.zeros(0, dtype=torch.long)
-    return NormAttentionResult(
-        per_head=torch.stack(per_head),
-        summed=torch.stack(summed),
-        layers=torch.tensor(layers),
-        query_positions=query,
-        str_tokens=model.to_str_tokens(inputs),
-        image_positions=image.cpu(),
-        question_positions=question.cpu(),
-    )
+    out = []
+    for (single, _), query, found in zip(singles, queries, norms):
+        try:
+            question = single.question_positions
+        except PromptError:
+            question = torch.zeros(0, dtype=torch.long)
+        out.append(NormAttentionResult(
+            per_head=torch.stack([found[layer][0] for layer in layers]),
+            summed=torch.stack([found[layer][1] for layer in layers]),
+            layers=torch.tensor(layers),
+            query_positions=query,
+            str_tokens=model.to_str_tokens(single),
+            image_positions=single.image_positions.cpu(),
+            question_positions=question.cpu(),
+        ))
+    return out
 
 
-__all__ = ["NormAttentionResult", "norm_attention", "norms_from_values"]
+__all__ = ["NormAttentionResult", "norm_attention", "norm_attention_batch", "norms_from_values"]

@@ -1,7 +1,8 @@
 """The studies: named recipes from (model, records, options) to long-form rows.
 
-Each recipe runs the per-example analyses of :mod:`hooked_vlm.analysis` on one record at a time and turns their
-results into rows; nothing here computes an analysis itself. Every row has the columns
+Each recipe runs the per-example analyses of :mod:`hooked_vlm.analysis` on one record at a time (a study's
+``batch_rows``: on a chunk's inputs in left-padded batches, through the batched analyses) and turns their results
+into rows; nothing here computes an analysis itself. Every row has the columns
 
 ``record`` (index in the data's order), ``record_id``, ``task``, ``condition``, ``x``, ``value``
 
@@ -47,28 +48,34 @@ def instructions(kind: str, model, record, ctx: Context) -> list[tuple[int, VLMI
     - ``"empty"``: the model's template with no instruction (``empty_prompt(model)`` with ``template=None``),
       index 0; none (one warning) for InstructBLIP, which has no prompt around the instruction.
     """
+    image = _image(record)
+    return [(i, model.prepare(text, image, template=template, vqa_suffix=suffix))
+            for i, text, template, suffix in _instruction_texts(kind, model, record, ctx)]
+
+
+def _instruction_texts(kind: str, model, record, ctx: Context) -> list[tuple[int, str, str | None, bool]]:
+    """What :func:`instructions` prepares: ``(prompt_index, text, template, vqa_suffix)`` per input."""
     from hooked_vlm.datasets.prompts import NORMAL_PROMPTS, empty_prompt, prompt
 
-    image = _image(record)
     if kind == "question":
         question = field_of(record, "question")
         if not question:
             ctx.warn_once("question", "Some records have no question: prompt kind 'question' gives no rows for "
                           "them (use --prompts normal, noisy or empty for caption data).")
             return []
-        return [(0, model.prepare(str(question), image, vqa_suffix=ctx.options.get("vqa_suffix", False)))]
+        return [(0, str(question), "auto", ctx.options.get("vqa_suffix", False))]
     if kind == "normal":
         texts = ctx.options.get("instructions") or NORMAL_PROMPTS
-        return [(i, model.prepare(p, image)) for i, p in enumerate(texts)]
+        return [(i, p, "auto", False) for i, p in enumerate(texts)]
     if kind == "noisy":
-        return [(0, model.prepare(prompt("noisy", index=ctx.index, tokenizer=model, seed=ctx.seed), image))]
+        return [(0, prompt("noisy", index=ctx.index, tokenizer=model, seed=ctx.seed), "auto", False)]
     if kind == "empty":
         try:
             text = empty_prompt(model)
         except PromptError as err:
             ctx.warn_once("empty", f"Prompt kind 'empty' gives no rows: {err}")
             return []
-        return [(0, model.prepare(text, image, template=None))]
+        return [(0, text, None, False)]
     raise RunError(f"Unknown prompt kind {kind!r}; this version knows {list(PROMPT_KINDS)}.")
 
 
@@ -218,8 +225,39 @@ def _answer_emergence(model, record, ctx: Context) -> tuple[pd.DataFrame, dict]:
     inputs = record_inputs(model, record, vqa_suffix=o["vqa_suffix"])
     res = answer_probability(model, inputs, _answer(record), false_option=_false_option(record),
                              apply_ln=o["apply_ln"])
-    df = res.to_frame().rename(columns={"layer": "x", "prob": "value"})
-    return df.assign(correct=correct), {"correct": correct}
+    return _answer_frame(res, correct), {"correct": correct}
+
+
+def _answer_frame(res, correct: bool | None) -> pd.DataFrame:
+    return res.to_frame().rename(columns={"layer": "x", "prob": "value"}).assign(correct=correct)
+
+
+def _answer_emergence_batch(model, indexed: list[tuple[int, Any]], ctx: Context) -> list[tuple[pd.DataFrame, dict]]:
+    """:func:`_answer_emergence` of a chunk: the correctness check (greedy generation) and the lens each run on
+    left-padded batches of ``ctx.batch(8)`` records (the lens on the correct ones only)."""
+    from hooked_vlm.analysis import answer_probability_batch
+    from hooked_vlm.analysis.base import answers_correct
+
+    o = ctx.options
+    records = [record for _, record in indexed]
+
+    def analyse(inputs, prompts: list[_Prompt]) -> list[tuple[pd.DataFrame, dict]]:
+        chosen = [records[p.k] for p in prompts]
+        correct = answers_correct(model, inputs, chosen) if o["only_correct"] else [None] * len(chosen)
+        keep = [b for b, c in enumerate(correct) if c is not False]
+        out = [(pd.DataFrame(), {"correct": c}) for c in correct]
+        if keep:
+            kept = [chosen[b] for b in keep]
+            results = answer_probability_batch(model, inputs if len(keep) == len(chosen) else inputs[keep],
+                                               [_answer(r) for r in kept],
+                                               false_options=[_false_option(r) for r in kept], apply_ln=o["apply_ln"])
+            for b, res in zip(keep, results):
+                out[b] = (_answer_frame(res, correct[b]), {"correct": correct[b]})
+        return out
+
+    prompts = [_Prompt(k, "question", 0, field_of(r, "question"), _image(r), "auto", o["vqa_suffix"])
+               for k, r in enumerate(records)]
+    return _in_batches(model, prompts, ctx.batch(8), analyse)
 
 
 def _captions(record, ctx: Context) -> list[str] | None:
@@ -250,8 +288,28 @@ def _verbalization(model, record, ctx: Context) -> tuple[pd.DataFrame, dict]:
     frames = []
     for kind, i, inputs in _prompted(model, record, ctx):
         res = visual_verbalization(model, inputs, captions, apply_ln=ctx.options["apply_ln"])
-        frames.append(res.to_frame().rename(columns={"layer": "x"}).assign(prompt=kind, prompt_index=i))
+        frames.append(_prompt_frame(res, kind, i))
     return _concat(frames), {}
+
+
+def _prompt_frame(res, kind: str, i: int) -> pd.DataFrame:
+    return res.to_frame().rename(columns={"layer": "x"}).assign(prompt=kind, prompt_index=i)
+
+
+def _verbalization_batch(model, indexed: list[tuple[int, Any]], ctx: Context) -> list[tuple[pd.DataFrame, dict]]:
+    """:func:`_verbalization` of a chunk: every (record, prompt) input of it, in left-padded batches of
+    ``ctx.batch(8)``."""
+    from hooked_vlm.analysis import visual_verbalization_batch
+
+    captions, prompts = [], []
+    for k, (index, record) in enumerate(indexed):
+        ctx.index = index
+        captions.append(_captions(record, ctx))
+        if captions[-1] is not None:
+            prompts += _chunk_prompts(k, model, record, ctx)
+    results = _in_batches(model, prompts, ctx.batch(8), lambda inputs, ps: visual_verbalization_batch(
+        model, inputs, [captions[p.k] for p in ps], apply_ln=ctx.options["apply_ln"]))
+    return _per_record(len(indexed), prompts, [_prompt_frame(r, p.kind, p.index) for p, r in zip(prompts, results)])
 
 
 def _truncation(model, record, ctx: Context) -> tuple[pd.DataFrame, dict]:
@@ -301,17 +359,102 @@ def _contextualization(model, record, ctx: Context) -> tuple[pd.DataFrame, dict]
     frames = []
     for kind, i, inputs in _prompted(model, record, ctx):
         res = contextualization(model, inputs)
-        frames.append(res.to_frame().rename(columns={"layer": "x"}).assign(prompt=kind, prompt_index=i))
+        frames.append(_prompt_frame(res, kind, i))
     return _concat(frames), {}
+
+
+def _contextualization_batch(model, indexed: list[tuple[int, Any]], ctx: Context
+                             ) -> list[tuple[pd.DataFrame, dict]]:
+    """:func:`_contextualization` of a chunk: every (record, prompt) input of it, in left-padded batches of
+    ``ctx.batch(8)``."""
+    from hooked_vlm.analysis import contextualization_batch
+
+    prompts = []
+    for k, (index, record) in enumerate(indexed):
+        ctx.index = index
+        prompts += _chunk_prompts(k, model, record, ctx)
+    results = _in_batches(model, prompts, ctx.batch(8), lambda inputs, _: contextualization_batch(model, inputs))
+    return _per_record(len(indexed), prompts, [_prompt_frame(r, p.kind, p.index) for p, r in zip(prompts, results)])
 
 
 def _norm_attention(model, record, ctx: Context) -> tuple[pd.DataFrame, dict]:
     from hooked_vlm.analysis import norm_attention, record_inputs
 
     inputs = record_inputs(model, record, vqa_suffix=ctx.options["vqa_suffix"])
-    wide = norm_attention(model, inputs).by_modality()
+    return _modality_frame(norm_attention(model, inputs)), {}
+
+
+def _modality_frame(res) -> pd.DataFrame:
+    wide = res.by_modality()
     df = wide.melt(id_vars="layer", var_name="condition", value_name="value").rename(columns={"layer": "x"})
-    return df[["condition", "x", "value"]], {}
+    return df[["condition", "x", "value"]]
+
+
+def _norm_attention_batch(model, indexed: list[tuple[int, Any]], ctx: Context) -> list[tuple[pd.DataFrame, dict]]:
+    """:func:`_norm_attention` of a chunk, in left-padded batches of ``ctx.batch(8)`` records."""
+    from hooked_vlm.analysis import norm_attention_batch
+
+    prompts = [_Prompt(k, "question", 0, field_of(r, "question"), _image(r), "auto", ctx.options["vqa_suffix"])
+               for k, (_, r) in enumerate(indexed)]
+    results = _in_batches(model, prompts, ctx.batch(8), lambda inputs, _: norm_attention_batch(model, inputs))
+    return [(_modality_frame(res), {}) for res in results]
+
+
+# --------------------------------------------------------------------------- batches of a chunk's inputs
+@dataclass(frozen=True)
+class _Prompt:
+    """One input of a chunk: its record's place ``k`` in the chunk, prompt kind and index, and what to prepare."""
+
+    k: int
+    kind: str
+    index: int
+    text: str
+    image: Any
+    template: str | None
+    vqa_suffix: bool
+
+
+def _chunk_prompts(k: int, model, record, ctx: Context) -> list[_Prompt]:
+    """The inputs :func:`_prompted` gives record ``k`` of a chunk (``ctx.index`` set to it), not yet prepared."""
+    image = _image(record)
+    return [_Prompt(k, kind, i, text, image, template, suffix)
+            for kind in ctx.options["prompts"]
+            for i, text, template, suffix in _instruction_texts(kind, model, record, ctx)]
+
+
+def _in_batches(model, prompts: list[_Prompt], size: int, analyse: Callable[[VLMInputs, list[_Prompt]], list]
+                ) -> list:
+    """``analyse(inputs, prompts)`` (one result per input) on left-padded batches of at most ``size`` prompts that
+    share their prepare options, in order; the results in the order of ``prompts``.
+
+    Raises:
+        RunError: a batch size below 1.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise RunError(f"The batch size must be a positive number of inputs, got {size!r}.")
+    groups: dict[tuple[str | None, bool], list[int]] = {}
+    for j, p in enumerate(prompts):
+        groups.setdefault((p.template, p.vqa_suffix), []).append(j)
+    out: list = [None] * len(prompts)
+    for (template, suffix), members in groups.items():
+        for lo in range(0, len(members), size):
+            part = [prompts[j] for j in members[lo : lo + size]]
+            inputs = model.prepare([p.text for p in part], [p.image for p in part], template=template,
+                                   vqa_suffix=suffix)
+            results = analyse(inputs, part)
+            if len(results) != len(part):
+                raise RunError(f"A batched analysis returned {len(results)} results for {len(part)} inputs.")
+            for j, res in zip(members[lo : lo + size], results):
+                out[j] = res
+    return out
+
+
+def _per_record(n: int, prompts: list[_Prompt], frames: list[pd.DataFrame]) -> list[tuple[pd.DataFrame, dict]]:
+    """Each record's frames (in prompt order) concatenated, for ``n`` records."""
+    mine: list[list[pd.DataFrame]] = [[] for _ in range(n)]
+    for p, frame in zip(prompts, frames):
+        mine[p.k].append(frame)
+    return [(_concat(f), {}) for f in mine]
 
 
 _PROMPTS_HELP = ("prompt kinds (see docs/datasets.md): 'question' (the record's question), 'normal' (the five "
@@ -341,6 +484,7 @@ STUDIES: dict[str, Study] = {
             {"only_correct": "rows only for records the model answers correctly",
              "vqa_suffix": "append the paper's VQA suffix to the question",
              "apply_ln": "read intermediate layers through the final norm (false: the paper's reference code)"},
+            batch_rows=_answer_emergence_batch,
         ),
         Study(
             "verbalization", "Visual verbalization of image tokens (logit lens)", WEI,
@@ -350,6 +494,7 @@ STUDIES: dict[str, Study] = {
             ["prompt", "prompt_index"],
             {"prompts": _PROMPTS_HELP, "instructions": _INSTRUCTIONS_HELP,
              "apply_ln": "read layers through the final norm"},
+            batch_rows=_verbalization_batch,
         ),
         Study(
             "truncation", "Image-token truncation", WEI,
@@ -379,6 +524,7 @@ STUDIES: dict[str, Study] = {
             {"prompts": _PROMPTS_HELP, "instructions": _INSTRUCTIONS_HELP,
              "vqa_suffix": "append the VQA suffix to the question (prompt kind 'question')"},
             prompt_kinds=("question", "normal", "noisy"),
+            batch_rows=_contextualization_batch,
         ),
         Study(
             "norm-attention", "Norm-based attention of the last token by modality", WEI,
@@ -388,6 +534,7 @@ STUDIES: dict[str, Study] = {
             _norm_attention,
             [],
             {"vqa_suffix": "append the VQA suffix to the question"},
+            batch_rows=_norm_attention_batch,
         ),
     ]
 }
