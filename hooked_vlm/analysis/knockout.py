@@ -17,11 +17,16 @@ A query row whose every key is blocked gets an all-zero pattern (TransformerLens
 all ``-inf`` softmax into zeros; transformers' eager attention would return NaN there).
 
 Speed: knockout cannot change anything at a position before the first blocked target row, nor anything
-before the first blocked layer. One unablated forward records the residual stream after that row and the
-keys/values before it; every knocked run then starts at its first blocked layer and computes only the rows
-from the first target on, reading the earlier rows' keys and values from a frozen cache. For flows into the
-last position that is one row per layer instead of the whole sequence. ``batch_size`` centre layers share
-one batched forward (the cached keys/values are then held once per centre layer in that forward).
+before the first blocked layer. One unablated forward (of one input or a left-padded batch of records) records
+the residual stream after that row and the keys/values before it; every knocked run then starts at its first
+blocked layer and computes only the rows from the first target on (for a batch: the earliest example's), reading
+the earlier rows' keys and values from that record. For flows into the last position that is one row per layer
+instead of the whole sequence. Sequences of (flow, centre layer, example) run ``batch_size`` at a time; flows with
+the same first recomputed row (the three into the question; the three into the last position) share forwards.
+On the Llama/Mistral decoders with no hook attached the attention of the knocked rows is written out: every
+setting's queries of a record are rows of one matmul against that record's cached (already rotated) keys and
+values, which are never concatenated, copied per setting or rotated again. Otherwise (a user's hooks, another
+decoder) the knocked runs go through TransformerLens's forward with a frozen KV cache, hooks included.
 """
 
 from __future__ import annotations
@@ -509,7 +514,7 @@ def aggregate_knockout(
     only_correct: bool = True,
     template: str | None = "auto",
     vqa_suffix: bool = False,
-    batch_size: int = 4,
+    batch_size: int = 16,
     progress: bool = True,
 ) -> Aggregate:
     """:func:`knockout_flows` over records, keeping only those the model answers correctly (Zhang et al.).
