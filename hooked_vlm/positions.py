@@ -205,9 +205,12 @@ def _examples(indices: list[int]) -> str:
     return f"example {indices[0]}" if len(indices) == 1 else f"examples {indices}"
 
 
-def blocked_edges(inputs: VLMInputs, source: Positions, target: Positions, *, box=None) -> Bool[
+def blocked_edges(inputs: VLMInputs, source: Positions, target: Positions, *, box=None, boxes=None) -> Bool[
         torch.Tensor, "batch query key"]:
     """``[batch, pos, pos]`` True where target query ``t`` may not read source key ``s`` (causal edges only).
+
+    ``box`` is the object box(es) of ``"related"`` / ``"other"`` for every example; ``boxes`` (instead) one entry
+    per example of a batch of several records.
 
     Warns (:class:`~hooked_vlm.errors.SelectionWarning`) naming the set when an example blocks nothing: the
     source or target selects no position, or every source position is after every target position.
@@ -217,9 +220,12 @@ def blocked_edges(inputs: VLMInputs, source: Positions, target: Positions, *, bo
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     empty: dict[str, list[int]] = {"source": [], "target": []}
     after: list[int] = []
+    if boxes is not None and len(boxes) != inputs.batch_size:
+        raise PromptError(f"boxes has {len(boxes)} entries for a batch of {inputs.batch_size} examples.")
     for b in range(inputs.batch_size):
-        src = positions(inputs, source, example=b, box=box)
-        tgt = positions(inputs, target, example=b, box=box)
+        example_box = box if boxes is None else boxes[b]
+        src = positions(inputs, source, example=b, box=example_box)
+        tgt = positions(inputs, target, example=b, box=example_box)
         out[b, tgt[:, None], src[None, :]] = True
         out[b] &= causal
         if len(src) == 0:

@@ -7,6 +7,7 @@ import torch
 from conftest import noise_image
 
 from hooked_vlm import HookedVLM, PromptError, SelectionWarning
+from hooked_vlm.analysis import knockout as knockout_module
 from hooked_vlm.analysis.knockout import (
     FLOWS,
     aggregate_knockout,
@@ -176,3 +177,100 @@ def test_bad_positions_raise(pair):
         knockout_hooks(model, "image", "last")
     with pytest.raises(PromptError, match="Centre layers"):
         attention_knockout(model, inputs, "image", "last", layers=[N_LAYERS])
+
+
+# ---------------------------------------------------------------------------------------------- batched flows
+def _record(question, image, box):
+    return SimpleNamespace(image=image, question=question, answer="", task="QueryAttr", true_option=None,
+                           false_option=None, objects=[{"name": "circle", **box}], caption="")
+
+
+MULTI = [
+    ("What color is the circle ?", (60, 40, 1), {"x": 5, "y": 5, "w": 20, "h": 15}),
+    ("Is the circle left or right of the square ? Answer using a single word", (32, 90, 2),
+     {"x": 10, "y": 40, "w": 12, "h": 30}),
+    ("Which shape is red ?", (50, 50, 3), {"x": 25, "y": 20, "w": 20, "h": 25}),
+]
+
+
+@pytest.fixture(scope="module")
+def next_pair():
+    hf, proc = build_tiny("llava_next", layers=N_LAYERS, seed=2)
+    with torch.no_grad():
+        for layer in hf.model.language_model.layers:
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(layer.self_attn, proj).weight.mul_(6)
+    hf.set_attn_implementation("eager")
+    return hf, HookedVLM.from_pretrained("llava_next", hf_model=hf, processor=proc, device="cpu")
+
+
+def _model(pair, next_pair, family):
+    return next_pair[1] if family == "llava_next" else pair[family][1]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llama3_next"])
+def test_batch_of_records_equals_each_record(pair, next_pair, family):
+    model = _model(pair, next_pair, family)
+    records = [_record(q, noise_image(w, h, seed=s), box) for q, (w, h, s), box in MULTI]
+    batch = model.prepare([r.question for r in records], [r.image for r in records])
+    assert batch.has_padding
+    for batch_size in (2, 16):  # 2: the examples split over forwards too
+        together = knockout_flows(model, batch, records, window=3, batch_size=batch_size)
+        assert list(together.flows) == list(FLOWS)
+        for b, record in enumerate(records):
+            alone = knockout_flows(model, model.prepare(record.question, record.image), record, window=3)
+            for label in FLOWS:
+                assert int(together[label].token[b]) == int(alone[label].token)
+                gap = (together[label].relative_change[b] - alone[label].relative_change).abs().max()
+                assert gap < 1e-4, (label, b, gap)
+    assert max(alone[f].relative_change.abs().max() for f in FLOWS) > 0.05
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llama3_next"])
+def test_shared_forwards_equal_single_flows_and_transformerlens_path(pair, next_pair, family, monkeypatch):
+    """Six flows sharing forwards (fused attention) == each flow alone == TransformerLens's KV-cache path."""
+    model = _model(pair, next_pair, family)
+    question, (w, h, s), box = MULTI[1]
+    inputs = model.prepare(question, noise_image(w, h, seed=s))
+    shared = knockout_flows(model, inputs, box=box, window=3)
+    monkeypatch.setattr(knockout_module, "_fused_ok", lambda model: False)
+    slow = knockout_flows(model, inputs, box=box, window=3, batch_size=3)
+    for label, (source, target) in FLOWS.items():
+        single = attention_knockout(model, inputs, source, target, window=3, box=box, batch_size=1)
+        assert (shared[label].relative_change - single.relative_change).abs().max() < 1e-4
+        assert (shared[label].relative_change - slow[label].relative_change).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("flow", [("related", "question"), ("image", "last")])
+def test_llava_next_knockout_equals_transformers(next_pair, flow):
+    hf, model = next_pair
+    question, (w, h, s), box = MULTI[0]
+    inputs = model.prepare(question, noise_image(w, h, seed=s))
+    ours = attention_knockout(model, inputs, *flow, window=3, box=box)
+    ref, token = hf_knockout(hf, inputs, blocked_edges(inputs, *flow, box=box), 3)
+    assert int(ours.token) == token
+    assert (ours.relative_change - ref).abs().max() < 1e-3
+
+
+def test_fused_path_steps_aside_for_user_hooks(pair):
+    _, model = pair["llava"]
+    assert knockout_module._fused_ok(model)
+    model.blocks[1].hook_resid_post.add_hook(lambda x, hook: x)
+    try:
+        assert not knockout_module._fused_ok(model)
+    finally:
+        model.reset_hooks()
+    assert knockout_module._fused_ok(model)
+
+
+def test_batch_of_records_refuses_mixed_or_miscounted_records(pair):
+    _, model = pair["llava"]
+    records = [_record(q, noise_image(w, h, seed=s), box) for q, (w, h, s), box in MULTI[:2]]
+    batch = model.prepare([r.question for r in records], [r.image for r in records])
+    with pytest.raises(PromptError, match="2 examples"):
+        knockout_flows(model, batch, records[:1], window=3)
+    records[1].objects = []
+    with pytest.raises(PromptError, match=r"examples \[1\] have no objects"):
+        knockout_flows(model, batch, records, window=3)
+    for block in model.blocks:
+        assert not block.attn.hook_attn_scores._forward_hooks

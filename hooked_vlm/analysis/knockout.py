@@ -17,11 +17,16 @@ A query row whose every key is blocked gets an all-zero pattern (TransformerLens
 all ``-inf`` softmax into zeros; transformers' eager attention would return NaN there).
 
 Speed: knockout cannot change anything at a position before the first blocked target row, nor anything
-before the first blocked layer. One unablated forward records the residual stream after that row and the
-keys/values before it; every knocked run then starts at its first blocked layer and computes only the rows
-from the first target on, reading the earlier rows' keys and values from a frozen cache. For flows into the
-last position that is one row per layer instead of the whole sequence. ``batch_size`` centre layers share
-one batched forward (the cached keys/values are then held once per centre layer in that forward).
+before the first blocked layer. One unablated forward (of one input or a left-padded batch of records) records
+the residual stream after that row and the keys/values before it; every knocked run then starts at its first
+blocked layer and computes only the rows from the first target on (for a batch: the earliest example's), reading
+the earlier rows' keys and values from that record. For flows into the last position that is one row per layer
+instead of the whole sequence. Sequences of (flow, centre layer, example) run ``batch_size`` at a time; flows with
+the same first recomputed row (the three into the question; the three into the last position) share forwards.
+On the Llama/Mistral decoders with no hook attached the attention of the knocked rows is written out: every
+setting's queries of a record are rows of one matmul against that record's cached (already rotated) keys and
+values, which are never concatenated, copied per setting or rotated again. Otherwise (a user's hooks, another
+decoder) the knocked runs go through TransformerLens's forward with a frozen KV cache, hooks included.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import einops
 import pandas as pd
 import plotly.graph_objects as go
 import torch
@@ -91,33 +97,59 @@ def window_layers(centre: int, window: int, n_layers: int) -> range:
 
 
 # ---------------------------------------------------------------------------------------------- engine
+def _fused_ok(model) -> bool:
+    """Whether the knocked rows can run in :meth:`_Baseline._knocked_fused`: a pre-norm rotary decoder (the Llama
+    and Mistral decoders hooked_vlm converts) on one device, with no hook attached to the decoder (the fused path
+    calls no hook point, so a user's hook would be skipped; with one the runs go through TransformerLens)."""
+    cfg = model.cfg
+    plain = (
+        cfg.positional_embedding_type == "rotary" and cfg.attention_dir == "causal" and not cfg.attn_only
+        and not cfg.parallel_attn_mlp and not cfg.use_attn_result and not cfg.use_split_qkv_input
+        and not cfg.use_attn_in and not cfg.use_normalization_before_and_after and not cfg.use_logn_attn
+        and not getattr(cfg, "use_attention_sinks", False) and not getattr(cfg, "use_dynamic_ntk_rope", False)
+        and getattr(cfg, "clip_qkv", None) is None and not getattr(cfg, "load_in_4bit", False)
+        and (cfg.attn_scores_soft_cap is None or cfg.attn_scores_soft_cap <= 0) and cfg.n_devices == 1
+        and cfg.original_architecture in ("LlamaForCausalLM", "MistralForCausalLM")
+        and all(block.attn.attn_type == "global" for block in model.blocks)
+    )
+    if not plain:
+        return False
+    modules = [*model.blocks.modules(), *model.ln_final.modules(), *model.unembed.modules()]
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
 class _Baseline:
     """One unablated forward, recording what the knocked runs reuse.
 
-    ``resid[l]``: ``blocks.{l}.hook_resid_pre`` rows ``lo:``; ``keys[l]`` / ``values[l]``: ``hook_k`` /
-    ``hook_v`` (before rotary, what a TransformerLens KV cache holds) rows ``:hi``.
+    ``resid[l]``: ``blocks.{l}.hook_resid_pre`` rows ``lo:`` ``[batch, pos, d_model]``; ``keys[l]`` /
+    ``values[l]``: rows ``:hi`` of ``hook_rot_k`` / ``hook_v`` as ``[batch, kv_head, pos, d_head]`` for the fused
+    path (keys rotated once here, not again per knocked run), else ``hook_k`` / ``hook_v`` ``[batch, pos, kv_head,
+    d_head]`` (before rotary, what a TransformerLens KV cache holds).
     """
 
-    def __init__(self, model, inputs: VLMInputs, lo: int, hi: int):
-        self.model, self.lo, self.hi = model, lo, hi
+    def __init__(self, model, inputs: VLMInputs, lo: int, hi: int, fused: bool):
+        self.model, self.lo, self.hi, self.fused = model, lo, hi, fused
         n_layers = model.cfg.n_layers
         self.mask = inputs.attention_mask.to(model.cfg.device) if inputs.has_padding else None
         self.resid: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
         self.keys: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
         self.values: list[torch.Tensor] = [None] * n_layers  # type: ignore[list-item]
 
-        def keep(store, layer, rows):
+        def keep(store, layer, rows, heads_first=False):
             def hook(x, hook):
-                store[layer] = x[:, rows].detach().clone()  # a copy: a view would keep the whole tensor alive
+                kept = x[:, rows].detach()
+                # a copy: a view would keep the whole tensor alive
+                store[layer] = kept.transpose(1, 2).contiguous() if heads_first else kept.clone()
 
             return hook
 
+        key = "hook_rot_k" if fused else "hook_k"
         hooks = []
         for layer in range(n_layers):
             hooks += [
                 (f"blocks.{layer}.hook_resid_pre", keep(self.resid, layer, slice(lo, None))),
-                (f"blocks.{layer}.attn.hook_k", keep(self.keys, layer, slice(None, hi))),
-                (f"blocks.{layer}.attn.hook_v", keep(self.values, layer, slice(None, hi))),
+                (f"blocks.{layer}.attn.{key}", keep(self.keys, layer, slice(None, hi), fused)),
+                (f"blocks.{layer}.attn.hook_v", keep(self.values, layer, slice(None, hi), fused)),
             ]
         final = model.run_with_hooks(inputs, fwd_hooks=hooks, stop_at_layer=n_layers)
         self.probs = self.last_probs(final)
@@ -127,45 +159,104 @@ class _Baseline:
         return logits.float().softmax(-1)
 
     def knocked_probs(
-        self, blocked: Bool[torch.Tensor, "batch query key"], windows: list[range], start: int
-    ) -> Float[torch.Tensor, "window batch d_vocab"]:
-        """Last-position probabilities with ``blocked`` edges at each window's layers, all windows in one
-        batched forward (window-major rows); rows ``start:`` are recomputed, from the earliest window start."""
+        self, blocked: Bool[torch.Tensor, "setting batch query key"], windows: list[range], start: int,
+        examples: slice = slice(None),
+    ) -> Float[torch.Tensor, "setting batch d_vocab"]:
+        """Last-position probabilities of ``examples`` with setting ``i``'s ``blocked[i]`` edges at the layers of
+        ``windows[i]``, every (setting, example) one sequence of one batched forward; rows ``start:`` are
+        recomputed (``blocked`` holds those query rows), from the earliest window start on."""
+        assert self.lo <= start <= self.hi and len(windows) == blocked.shape[0]
+        run = self._knocked_fused if self.fused else self._knocked_tl
+        out = run(blocked.to(self.model.cfg.device), windows, start, examples)
+        return self.last_probs(out).view(*blocked.shape[:2], -1)
+
+    def _knocked_tl(self, blocked, windows, start, examples) -> Float[torch.Tensor, "sequence query d_model"]:
+        """Through TransformerLens's forward with a frozen KV cache (any decoder it runs; hooks fire)."""
         model = self.model
-        assert self.lo <= start <= self.hi
-        n_win, batch = len(windows), blocked.shape[0]
+        n_set, batch = blocked.shape[:2]
         first = min(w.start for w in windows)
 
         def tile(x: torch.Tensor) -> torch.Tensor:
             # a view where possible: the frozen entries are only read by torch.cat, which copies anyway
-            return x.expand(n_win, *x.shape[1:]) if batch == 1 else x.repeat(n_win, *[1] * (x.dim() - 1))
+            x = x[examples, :start]
+            return x.expand(n_set, *x.shape[1:]) if batch == 1 else x.repeat(n_set, *[1] * (x.dim() - 1))
 
         entries = [
             TransformerLensKeyValueCacheEntry(
-                tile(self.keys[i][:, :start]) if i >= first else self.keys[i][:, :0],
-                tile(self.values[i][:, :start]) if i >= first else self.values[i][:, :0],
+                tile(self.keys[i]) if i >= first else self.keys[i][examples, :0],
+                tile(self.values[i]) if i >= first else self.values[i][examples, :0],
                 frozen=True,
             )
             for i in range(model.cfg.n_layers)
         ]
-        mask = None if self.mask is None else self.mask.repeat(n_win, 1)
+        mask = None if self.mask is None else self.mask[examples].repeat(n_set, 1)
         if mask is not None:
             prev = mask[:, :start]
         else:
-            prev = torch.ones(n_win * batch, start, dtype=torch.int, device=model.cfg.device)
+            prev = torch.ones(n_set * batch, start, dtype=torch.int, device=model.cfg.device)
         cache = TransformerLensKeyValueCache(entries, prev, frozen=True)
-        rows = blocked[:, start:].to(model.cfg.device)
         fwd_hooks = []
         for layer in range(first, model.cfg.n_layers):
-            active = torch.tensor([layer in w for w in windows], device=rows.device)
+            active = torch.tensor([layer in w for w in windows], device=blocked.device)
             if active.any():
-                per_row = (active[:, None, None, None] & rows[None]).flatten(0, 1)  # [window * batch, query, key]
+                per_row = (active[:, None, None, None] & blocked).flatten(0, 1)  # [setting * batch, query, key]
                 fwd_hooks.append((f"blocks.{layer}.attn.hook_attn_scores", block_edges(per_row)))
-        resid = self.resid[first][:, start - self.lo :].repeat(n_win, 1, 1)
+        resid = self.resid[first][examples, start - self.lo :].repeat(n_set, 1, 1)
         with model.hooks(fwd_hooks=fwd_hooks):
-            out = model(resid, start_at_layer=first, stop_at_layer=model.cfg.n_layers, past_kv_cache=cache,
-                        attention_mask=mask)
-        return self.last_probs(out).view(n_win, batch, -1)
+            return model(resid, start_at_layer=first, stop_at_layer=model.cfg.n_layers, past_kv_cache=cache,
+                         attention_mask=mask)
+
+    def _knocked_fused(self, blocked, windows, start, examples) -> Float[torch.Tensor, "sequence query d_model"]:
+        """The same computation, attention written out: the frozen keys/values are read in place (every setting's
+        queries of an example are rows of one matmul against that example's cached keys, grouped-query heads
+        included), never concatenated, repeated or rotated again; new rows are rotated at their positions."""
+        model = self.model
+        n_set, batch, rows, n = blocked.shape
+        first = min(w.start for w in windows)
+        x = self.resid[first][examples, start - self.lo :]
+        x = x.expand(n_set, *x.shape).reshape(n_set * batch, rows, -1)  # [(setting batch), query, d_model]
+        mask = None if self.mask is None else self.mask[examples]
+        rot_mask = None if mask is None else mask.repeat(n_set, 1)  # RoPE positions of a left-padded batch
+        # Layout of scores: [batch, kv_head, setting, group, query, key]; True = the edge is cut.
+        cut = torch.zeros(batch, rows, n, dtype=torch.bool, device=blocked.device)
+        cut[:, :, start:] = torch.ones(rows, rows, dtype=torch.bool, device=blocked.device).triu(1)
+        if mask is not None:
+            cut |= ~mask.bool()[:, None, :]
+        cut = cut[:, None, None, None]
+        knocked = einops.rearrange(blocked, "s b q k -> b 1 s 1 q k")
+        for layer in range(first, model.cfg.n_layers):
+            block = model.blocks[layer]
+            attn = block.attn
+            normed = block.ln1(x)
+            q, k, v = attn.calculate_qkv_matrices(normed, normed, normed)
+            q = attn.apply_rotary(q, start, rot_mask)
+            k = attn.apply_rotary(k, start, rot_mask)
+            kv_heads, d_head = k.shape[2], k.shape[3]
+            q = einops.rearrange(q, "(s b) q (h g) d -> b h s g q d", s=n_set, h=kv_heads)
+            k = einops.rearrange(k, "(s b) q h d -> b h s 1 d q", s=n_set)
+            v = einops.rearrange(v, "(s b) q h d -> b h s 1 q d", s=n_set)
+            cached_k = self.keys[layer][examples, :, :start]  # [batch, kv_head, start, d_head]
+            cached_v = self.values[layer][examples, :, :start]
+            earlier = q.reshape(batch, kv_heads, -1, d_head) @ cached_k.transpose(-1, -2)
+            scores = torch.cat([earlier.view(*q.shape[:-1], start), q @ k], -1) / attn.attn_scale
+            active = [layer in w for w in windows]
+            if any(active):
+                on = torch.tensor(active, device=blocked.device)[None, None, :, None, None, None]
+                gone = cut | (knocked & on)
+            else:
+                gone = cut
+            scores.masked_fill_(gone, float("-inf"))
+            pattern = scores.softmax(-1)
+            empty = gone.all(-1, keepdim=True)  # rows with every key cut: NaN, zeros in TransformerLens
+            if empty.any():
+                pattern.masked_fill_(empty, 0.0)
+            z = (pattern[..., :start].reshape(batch, kv_heads, -1, start) @ cached_v).view(*q.shape)
+            z = z + pattern[..., start:] @ v
+            z = einops.rearrange(z, "b h s g q d -> (s b) q (h g d)")
+            attn_out = z @ attn.W_O.reshape(-1, attn.W_O.shape[-1]) + attn.b_O
+            mid = x + attn_out
+            x = mid + block.mlp(block.ln2(mid))
+        return x
 
 
 def _first_row(blocked: Bool[torch.Tensor, "batch query key"]) -> int:
@@ -266,42 +357,56 @@ def _as_inputs(model, inputs) -> VLMInputs:
 
 
 def _run_flows(model, inputs: VLMInputs, specs: dict[str, tuple[Positions, Positions]], window: int, layers,
-               box, batch_size: int) -> dict[str, KnockoutResult]:
+               box, batch_size: int, boxes=None) -> dict[str, KnockoutResult]:
     window = _check_window(window)
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise PromptError(f"batch_size must be a positive integer, got {batch_size!r}.")
     n_layers = model.cfg.n_layers
     centres = _centres(layers, n_layers)
-    blocked = {label: blocked_edges(inputs, s, t, box=box) for label, (s, t) in specs.items()}
+    blocked = {label: blocked_edges(inputs, s, t, box=box, boxes=boxes) for label, (s, t) in specs.items()}
     if window >= n_layers:
         full = sum(len(window_layers(c, window, n_layers)) == n_layers for c in centres)
         warn_selection(f"window={window} is at least the model's n_layers={n_layers}: {full} of the {len(centres)} "
                        "centre layers block every layer, so the curve is flat there. Use a smaller window.")
     starts = {label: _first_row(b) for label, b in blocked.items()}
-    base = _Baseline(model, inputs, lo=min(starts.values()), hi=max(starts.values()))
+    base = _Baseline(model, inputs, lo=min(starts.values()), hi=max(starts.values()), fused=_fused_ok(model))
     token = base.probs.argmax(-1)
     p_base = base.probs.gather(-1, token[:, None])[:, 0].cpu()
-    single = inputs.batch_size == 1
+    n_ex = inputs.batch_size
+    p_knocked = {label: torch.empty(n_ex, len(centres)) for label in specs}
+    # Flows with the same first recomputed row share forwards: (flow, centre, example) sequences, batch_size each.
+    groups: dict[int, list[str]] = {}
+    for label, start in starts.items():
+        groups.setdefault(start, []).append(label)
+    per_forward = min(n_ex, batch_size)
+    for start, labels in groups.items():
+        settings = [(label, i) for label in labels for i in range(len(centres))]
+        step = max(1, batch_size // per_forward)
+        for lo_ex in range(0, n_ex, per_forward):
+            examples = slice(lo_ex, min(n_ex, lo_ex + per_forward))
+            for lo in range(0, len(settings), step):
+                chunk = settings[lo : lo + step]
+                rows = torch.stack([blocked[label][examples, start:] for label, _ in chunk])
+                windows = [window_layers(centres[i], window, n_layers) for _, i in chunk]
+                probs = base.knocked_probs(rows, windows, start, examples)  # [setting, example, vocab]
+                picked = probs.gather(-1, token[None, examples, None].expand(len(chunk), -1, 1))[..., 0].cpu()
+                for (label, i), p in zip(chunk, picked):
+                    p_knocked[label][examples, i] = p
+    single = n_ex == 1
     words = [model.tokenizer.convert_ids_to_tokens(int(t)) for t in token]
-    out = {}
-    for label, (s, t) in specs.items():
-        p = []
-        for lo in range(0, len(centres), batch_size):
-            windows = [window_layers(c, window, n_layers) for c in centres[lo : lo + batch_size]]
-            probs = base.knocked_probs(blocked[label], windows, starts[label])  # [window, batch, vocab]
-            p.append(probs.gather(-1, token[None, :, None].expand(len(windows), -1, 1))[..., 0].T.cpu())
-        p_knocked = torch.cat(p, -1)
-        out[label] = KnockoutResult(
+    return {
+        label: KnockoutResult(
             layers=torch.tensor(centres),
             token=token[0].cpu() if single else token.cpu(),
             p_base=p_base[0] if single else p_base,
-            p_knocked=p_knocked[0] if single else p_knocked,
+            p_knocked=p_knocked[label][0] if single else p_knocked[label],
             window=window,
             source=_label(s),
             target=_label(t),
             token_str=words,
         )
-    return out
+        for label, (s, t) in specs.items()
+    }
 
 
 @torch.no_grad()
@@ -314,7 +419,7 @@ def attention_knockout(
     window: int = 9,
     layers: Iterable[int] | None = None,
     box=None,
-    batch_size: int = 4,
+    batch_size: int = 16,
 ) -> KnockoutResult:
     """Block ``source -> target`` attention in a window of layers around each centre layer.
 
@@ -325,8 +430,9 @@ def attention_knockout(
             :func:`window_layers`; cut at the edges). ``k >= n_layers`` warns: windows then cover every layer.
         layers: the centre layers (default: every layer).
         box: the object box(es) for ``"related"`` / ``"other"`` (see :func:`~hooked_vlm.positions.object_patches`).
-        batch_size: centre layers computed together in one batched forward (memory grows with it: the
-            cached keys/values before the first target row are repeated per centre layer).
+        batch_size: sequences (one per example and centre layer) computed together in one batched forward
+            (memory grows with it: attention scores of the recomputed rows, and on the TransformerLens path the
+            cached keys/values before the first target row, once per sequence).
 
     Returns:
         A :class:`KnockoutResult`; ``p_base`` is the probability of the unablated greedy token at the last
@@ -334,6 +440,11 @@ def attention_knockout(
     """
     inputs = _as_inputs(model, inputs)
     return _run_flows(model, inputs, {"flow": (source, target)}, window, layers, box, batch_size)["flow"]
+
+
+def _record_box(record):
+    objects = getattr(record, "question_objects", None) or record_field(record, "objects")
+    return list(objects) if objects else None
 
 
 @torch.no_grad()
@@ -346,34 +457,51 @@ def knockout_flows(
     window: int = 9,
     layers: Iterable[int] | None = None,
     box=None,
-    batch_size: int = 4,
+    batch_size: int = 16,
 ) -> KnockoutFlows:
-    """The six flows of Zhang et al. (:data:`FLOWS`) on one input, sharing one unablated forward.
+    """The six flows of Zhang et al. (:data:`FLOWS`) on one input or a left-padded batch, sharing one unablated
+    forward; flows whose first recomputed row is the same (the three into the question, the three into the last
+    position) share knocked forwards.
 
-    Related→Question and Other→Question run when a box is known: ``box=``, or the ``question_objects``
-    of ``record`` (the objects the question names), else its ``objects``; their union is the related
-    region. ``flows`` picks labels of :data:`FLOWS`; the other arguments are those of :func:`attention_knockout`.
-    On InstructBLIP (query tokens without a patch footprint) the default leaves Related/Other out, and asking
-    for them raises :class:`PromptError`.
+    Related→Question and Other→Question run when a box is known: ``box=`` (for every example), or the
+    ``question_objects`` of ``record`` (the objects the question names), else its ``objects``; their union is the
+    related region. For a batch of several records (``model.prepare([q1, q2], [im1, im2])``) pass ``record`` as
+    the list of them, one per example: each example uses its own record's boxes (all records must have objects,
+    or none). ``flows`` picks labels of :data:`FLOWS`; ``batch_size`` counts sequences (one per example, flow and
+    centre layer) per forward; the other arguments are those of :func:`attention_knockout`. On InstructBLIP
+    (query tokens without a patch footprint) the default leaves Related/Other out, and asking for them raises
+    :class:`PromptError`.
     """
     inputs = _as_inputs(model, inputs)
-    if box is None and record is not None:
-        objects = getattr(record, "question_objects", None) or record_field(record, "objects")
-        box = list(objects) if objects else None
+    boxes = None
+    if isinstance(record, (list, tuple)):
+        if len(record) != inputs.batch_size:
+            raise PromptError(f"record has {len(record)} records for a batch of {inputs.batch_size} examples; "
+                              "give one record per example.")
+        if box is None:
+            boxes = [_record_box(r) for r in record]
+            missing = [b for b, x in enumerate(boxes) if x is None]
+            if missing and len(missing) < len(boxes):
+                raise PromptError(f"The records of examples {missing} have no objects but the others do: "
+                                  "Related/Other would run for only some examples; batch them separately.")
+            if missing:
+                boxes = None
+    elif box is None and record is not None:
+        box = _record_box(record)
     wanted = list(FLOWS) if flows is None else list(flows)
     unknown = [f for f in wanted if f not in FLOWS]
     if unknown:
         raise PromptError(f"Unknown flows {unknown}; choose from {list(FLOWS)}.")
     if flows is None and lacks_footprint(inputs):
-        box = None  # query tokens: Related/Other are undefined, run the other flows
+        box = boxes = None  # query tokens: Related/Other are undefined, run the other flows
     elif any(FLOWS[f][0] in ("related", "other") for f in wanted):
         require_footprint(inputs, next(FLOWS[f][0] for f in wanted if FLOWS[f][0] in ("related", "other")))
-    if box is None:
+    if box is None and boxes is None:
         if flows is not None and any(FLOWS[f][0] in ("related", "other") for f in wanted):
             raise PromptError("Related/Other flows need object boxes: pass record= with objects or box=.")
         wanted = [f for f in wanted if FLOWS[f][0] not in ("related", "other")]
     specs = {f: FLOWS[f] for f in wanted}
-    return KnockoutFlows(_run_flows(model, inputs, specs, window, layers, box, batch_size), window=window)
+    return KnockoutFlows(_run_flows(model, inputs, specs, window, layers, box, batch_size, boxes), window=window)
 
 
 def aggregate_knockout(
@@ -386,7 +514,7 @@ def aggregate_knockout(
     only_correct: bool = True,
     template: str | None = "auto",
     vqa_suffix: bool = False,
-    batch_size: int = 4,
+    batch_size: int = 16,
     progress: bool = True,
 ) -> Aggregate:
     """:func:`knockout_flows` over records, keeping only those the model answers correctly (Zhang et al.).

@@ -198,21 +198,72 @@ def _information_flow(model, record, ctx: Context) -> tuple[pd.DataFrame, dict]:
     if correct is False:
         return pd.DataFrame(), {"correct": correct}
     inputs = record_inputs(model, record, vqa_suffix=o["vqa_suffix"])
-    flows = knockout_flows(model, inputs, record, window=o["window"], batch_size=ctx.batch(4))
-    if has_objects(record) and "Related→Question" not in flows.flows:
+    flows = knockout_flows(model, inputs, record, window=o["window"], batch_size=ctx.batch(16))
+    _warn_flows(flows, [record], ctx)
+    return _flow_rows(flows, None, correct), {"correct": correct}
+
+
+# Records per batched forward of the information-flow study (the recording forward holds every layer's keys and
+# values before the first question row of each).
+FLOW_RECORDS = 8
+
+
+def _information_flow_batch(model, indexed: list[tuple[int, Any]], ctx: Context) -> list[tuple[pd.DataFrame, dict]]:
+    """:func:`_information_flow` for a chunk of records: the correctness check by greedy decoding of left-padded
+    batches, then :func:`~hooked_vlm.analysis.knockout_flows` on batches of the kept records (those with objects
+    and those without apart, as their flows differ), ``FLOW_RECORDS`` records at a time."""
+    from hooked_vlm.analysis import knockout_flows
+    from hooked_vlm.analysis.base import record_field
+
+    o = ctx.options
+    records = [record for _, record in indexed]
+    size = max(1, min(FLOW_RECORDS, ctx.batch(16)))
+
+    def prepare(chunk: list[int]):
+        return model.prepare([str(record_field(records[i], "question")) for i in chunk],
+                             [record_field(records[i], "image") for i in chunk], vqa_suffix=o["vqa_suffix"])
+
+    correct: list[bool | None] = [None] * len(records)
+    if o["only_correct"]:
+        for lo in range(0, len(records), size):
+            chunk = list(range(lo, min(len(records), lo + size)))
+            answers = model.answer(prepare(chunk))
+            for i, answer in zip(chunk, answers):
+                correct[i] = answer == str(record_field(records[i], "answer")).strip().lower()
+    out: list[tuple[pd.DataFrame, dict]] = [(pd.DataFrame(), {"correct": c}) for c in correct]
+    kept = [i for i, c in enumerate(correct) if c is not False]
+    for group in ([i for i in kept if has_objects(records[i])], [i for i in kept if not has_objects(records[i])]):
+        for lo in range(0, len(group), size):
+            chunk = group[lo : lo + size]
+            chunk_records = [records[i] for i in chunk]
+            flows = knockout_flows(model, prepare(chunk), chunk_records, window=o["window"], batch_size=ctx.batch(16))
+            _warn_flows(flows, chunk_records, ctx)
+            for b, i in enumerate(chunk):
+                out[i] = (_flow_rows(flows, b if len(chunk) > 1 else None, correct[i]), {"correct": correct[i]})
+    return out
+
+
+def _warn_flows(flows, records, ctx: Context) -> None:
+    if any(has_objects(r) for r in records) and "Related→Question" not in flows.flows:
         ctx.warn_once("related", "Related→Question and Other→Question are left out: this model's image tokens "
                       "have no patch footprint (InstructBLIP queries).")
-    elif not has_objects(record):
+    elif not all(has_objects(r) for r in records):
         ctx.warn_once("objects", "Some records have no objects: Related→Question and Other→Question are left out "
                       "for them.")
+
+
+def _flow_rows(flows, example: int | None, correct: bool | None) -> pd.DataFrame:
+    """The rows of one example (``None``: a single-example result) of a :class:`KnockoutFlows`."""
     frames = []
     for label, res in flows.flows.items():
+        pick = (lambda t: t) if example is None else (lambda t: t[example])
+        token = res.token_str[0 if example is None else example] if res.token_str else ""
         frames.append(pd.DataFrame({
-            "condition": label, "x": res.layers.tolist(), "value": res.relative_change.tolist(),
-            "p_base": float(res.p_base), "p_knocked": res.p_knocked.tolist(),
-            "token": res.token_str[0] if res.token_str else "", "window": flows.window, "correct": correct,
+            "condition": label, "x": res.layers.tolist(), "value": pick(res.relative_change).tolist(),
+            "p_base": float(pick(res.p_base)), "p_knocked": pick(res.p_knocked).tolist(),
+            "token": token, "window": flows.window, "correct": correct,
         }))
-    return pd.concat(frames, ignore_index=True), {"correct": correct}
+    return pd.concat(frames, ignore_index=True)
 
 
 def _answer_emergence(model, record, ctx: Context) -> tuple[pd.DataFrame, dict]:
@@ -474,6 +525,7 @@ STUDIES: dict[str, Study] = {
             {"window": "layers blocked around each centre layer (9 in the paper; use 1 or 3 on shapes-llava)",
              "only_correct": "answer each record first; rows only for the correct ones (the paper's filter)",
              "vqa_suffix": "append the paper's 'Answer the question using a single word or phrase.'"},
+            batch_rows=_information_flow_batch,
         ),
         Study(
             "answer-emergence", "Answer probability across layers", ZHANG,
