@@ -21,7 +21,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from hooked_vlm.analysis.base import Aggregate, AnalysisResult, aggregate, record_field
 from hooked_vlm.errors import PromptError, warn_selection
@@ -220,15 +222,20 @@ def _single(inputs, model=None) -> VLMInputs:
 
 
 class _Losses:
-    """Merged embeddings of prompt + target, computed once; the loss of any subset of prompt positions."""
+    """Merged embeddings of prompt + target, computed once; the loss of any subset of prompt positions.
+
+    One unablated forward records every layer's keys and values (``hook_k`` / ``hook_v``, before rotary) and
+    gives the unablated loss. A setting that drops positions recomputes only its kept positions from the first
+    dropped one on (its suffix), reading the earlier keys and values from a frozen cache.
+    """
 
     def __init__(self, model, inputs: VLMInputs, target, batch_size: int):
         self.model = model
         self.inputs = _single(inputs, model)
         self.target = target_ids(model, target).to(model.cfg.device)
-        if batch_size < 1:
-            raise PromptError(f"batch_size must be positive, got {batch_size}.")
-        self.batch_size = batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise PromptError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        self.batch_size = int(batch_size)
         prompt = model.embed_inputs(self.inputs)[0]
         full = torch.cat([prompt, model.embed(self.target[None])[0]])
         if full.shape[0] > model.cfg.n_ctx:
@@ -236,34 +243,104 @@ class _Losses:
         self.embeds = model.hook_embed(full[None])[0]
         self.n_prompt = prompt.shape[0]
         self.image = self.inputs.image_positions.to(model.cfg.device)
+        self.keys: list[Float[torch.Tensor, "1 pos kv_head d_head"]] = []
+        self.values: list[Float[torch.Tensor, "1 pos kv_head d_head"]] = []
+        self.base_loss: float | None = None
 
     def without(self, drop_image_indices: list[torch.Tensor]) -> Float[torch.Tensor, " setting"]:
         """Mean cross-entropy of the target for each set of removed image-token indices."""
-        n_all, n_target = self.embeds.shape[0], len(self.target)
-        keeps: list[Bool[torch.Tensor, " pos"]] = []
-        for drop in drop_image_indices:
+        n_all = self.embeds.shape[0]
+        suffixes: dict[int, tuple[int, Int[torch.Tensor, " kept"]]] = {}
+        for i, drop in enumerate(drop_image_indices):
             keep = torch.ones(n_all, dtype=torch.bool, device=self.embeds.device)
             keep[self.image[drop.to(self.image.device)]] = False
-            keeps.append(keep)
-        out = []
-        for lo in range(0, len(keeps), self.batch_size):
-            out.append(self._batch(keeps[lo : lo + self.batch_size], n_target))
-        return torch.cat(out).cpu()
+            if keep.all():
+                continue
+            kept_prompt = torch.nonzero(keep[: self.n_prompt]).flatten()
+            if len(kept_prompt) == 0:
+                raise PromptError("A setting removes every prompt position: nothing predicts the first target token.")
+            # the row predicting the first target token must be recomputed with the rest
+            start = min(int(torch.nonzero(~keep)[0]), int(kept_prompt[-1]))
+            # the last position predicts nothing
+            suffixes[i] = (start, torch.nonzero(keep[start:-1]).flatten() + start)
+        self._record()
+        loss = torch.full((len(drop_image_indices),), self.base_loss, dtype=torch.float32)
+        order = sorted(suffixes, key=lambda i: (suffixes[i][0], len(suffixes[i][1])))
+        done = 0
+        for batch in self._batches([suffixes[i] for i in order]):
+            loss[order[done : done + len(batch)]] = self._suffix_losses(batch).cpu()
+            done += len(batch)
+        return loss
 
-    def _batch(self, keeps, n_target: int) -> Float[torch.Tensor, " batch"]:
-        model = self.model
-        lengths = [int(k.sum()) for k in keeps]
-        longest = max(lengths)
-        batch = self.embeds.new_zeros(len(keeps), longest, self.embeds.shape[-1])
-        for b, keep in enumerate(keeps):
-            batch[b, : lengths[b]] = self.embeds[keep]
-        resid = model(batch, start_at_layer=0, stop_at_layer=model.cfg.n_layers)
-        # row i predicts target token i from the position just before it
-        rows = torch.stack([torch.arange(n - n_target - 1, n - 1) for n in lengths]).to(resid.device)
-        picked = resid.gather(1, rows[..., None].expand(-1, -1, resid.shape[-1]))
-        logits = model.unembed(model.ln_final(picked)).float()
-        labels = self.target[None].expand(len(keeps), -1)
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(len(keeps), -1).mean(-1)
+    def _batches(self, settings: list[tuple[int, torch.Tensor]]):
+        """Consecutive settings, at most ``batch_size`` per batch and cache + suffix within n_ctx (the rotary
+        table)."""
+        batch: list[tuple[int, torch.Tensor]] = []
+        for setting in settings:
+            grown = batch + [setting]
+            if batch and (len(grown) > self.batch_size
+                          or max(s for s, _ in grown) + max(len(r) for _, r in grown) > self.model.cfg.n_ctx):
+                yield batch
+                grown = [setting]
+            batch = grown
+        if batch:
+            yield batch
+
+    def _record(self) -> None:
+        """The unablated forward: keys and values of every layer, and the unablated loss."""
+        if self.keys:
+            return
+        model, n_layers = self.model, self.model.cfg.n_layers
+        self.keys, self.values = [None] * n_layers, [None] * n_layers  # type: ignore[list-item]
+
+        def keep(store, layer):
+            def hook(x, hook):
+                store[layer] = x.detach()
+
+            return hook
+
+        hooks = []
+        for layer in range(n_layers):
+            hooks += [(f"blocks.{layer}.attn.hook_k", keep(self.keys, layer)),
+                      (f"blocks.{layer}.attn.hook_v", keep(self.values, layer))]
+        with model.hooks(fwd_hooks=hooks):
+            resid = model(self.embeds[None, :-1], start_at_layer=0, stop_at_layer=n_layers)
+        self.base_loss = float(self._cross_entropy(resid[:, self.n_prompt - 1 :])[0])
+
+    def _suffix_losses(self, batch: list[tuple[int, torch.Tensor]]) -> Float[torch.Tensor, " batch"]:
+        """One forward over the suffixes of a batch of settings.
+
+        Every row reads the same recorded keys/values ``[:prefix]`` (a broadcast view), ``prefix`` the batch's
+        longest; the attention mask hides a row's cache slots from its own start on and its suffix padding.
+        TransformerLens takes the rotary position of every slot from the mask's cumulative sum, so a row's
+        suffix continues at its own start: ``[1] * start + [0] * (prefix - start) + [1] * kept + [0] * pad``.
+        """
+        model, n_target = self.model, len(self.target)
+        prefix = max(start for start, _ in batch)
+        longest = max(len(rows) for _, rows in batch)
+        mask = torch.zeros(len(batch), prefix + longest, dtype=torch.int, device=self.embeds.device)
+        resid = self.embeds.new_zeros(len(batch), longest, self.embeds.shape[-1])
+        for b, (start, rows) in enumerate(batch):
+            mask[b, :start] = 1
+            mask[b, prefix : prefix + len(rows)] = 1
+            resid[b, : len(rows)] = self.embeds[rows]
+        entries = [
+            TransformerLensKeyValueCacheEntry(k[:, :prefix].expand(len(batch), -1, -1, -1),
+                                              v[:, :prefix].expand(len(batch), -1, -1, -1), frozen=True)
+            for k, v in zip(self.keys, self.values)
+        ]
+        cache = TransformerLensKeyValueCache(entries, mask[:, :prefix], frozen=True)
+        out = model(resid, start_at_layer=0, stop_at_layer=model.cfg.n_layers, past_kv_cache=cache,
+                    attention_mask=mask)
+        # the last n_target kept rows predict the target
+        rows = torch.stack([torch.arange(len(r) - n_target, len(r)) for _, r in batch]).to(out.device)
+        return self._cross_entropy(out.gather(1, rows[..., None].expand(-1, -1, out.shape[-1])))
+
+    def _cross_entropy(self, resid: Float[torch.Tensor, "batch target d_model"]) -> Float[torch.Tensor, " batch"]:
+        logits = self.model.unembed(self.model.ln_final(resid)).float()
+        labels = self.target[None].expand(resid.shape[0], -1)
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+        return ce.view(resid.shape[0], -1).mean(-1)
 
 
 def _as_indices(interval, n_image: int) -> torch.Tensor:
