@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hooked_vlm import PromptError, SelectionWarning
+from hooked_vlm.analysis import truncation
 from hooked_vlm.analysis.truncation import (
     aggregate_truncation,
     image_token_masking,
@@ -154,12 +156,18 @@ def gqa_case(hooked):
     return model, inputs, target_ids(model, CAPTION)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_prefix", "kv_cache"])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), batch_size=st.integers(1, 5))
-def test_prefix_reuse_equals_full_forwards_on_random_settings(gqa_case, data, batch_size):
+def test_prefix_reuse_equals_full_forwards_on_random_settings(gqa_case, shared, data, batch_size):
     """Truncation counts and masked sets (runs and scattered indices, batched in any size) against one whole
-    forward per setting."""
+    forward per setting, for both engines (the shared-prefix attention and TransformerLens's KV cache)."""
     model, inputs, ids = gqa_case
+    with patch.object(truncation, "_shared_prefix_supported", lambda cfg: shared):
+        check_against_full_forwards(model, inputs, ids, data, batch_size)
+
+
+def check_against_full_forwards(model, inputs, ids, data, batch_size):
     n = len(inputs.image_positions)
     counts = data.draw(st.lists(st.integers(0, n), min_size=1, max_size=6), label="counts")
     runs = st.tuples(st.integers(0, n - 1), st.integers(1, n)).map(lambda t: (t[0], max(t[0] + 1, min(n, t[1]))))

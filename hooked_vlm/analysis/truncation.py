@@ -17,6 +17,7 @@ import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import einops
 import pandas as pd
 import plotly.graph_objects as go
 import torch
@@ -221,15 +222,32 @@ def _single(inputs, model=None) -> VLMInputs:
     return inputs
 
 
+def _shared_prefix_supported(cfg) -> bool:
+    """Whether the attention is TransformerLens's plain causal RoPE softmax attention, which
+    :meth:`_Losses._shared_prefix` reproduces for the prefix keys."""
+    from transformer_lens.utilities.activation_functions import softcap_enabled
+
+    return (cfg.positional_embedding_type == "rotary" and cfg.attention_dir == "causal"
+            and all(t == "global" for t in cfg.attn_types or [])
+            and not (cfg.use_attention_sinks or cfg.use_logn_attn or cfg.use_dynamic_ntk_rope or cfg.load_in_4bit)
+            and not softcap_enabled(cfg.attn_scores_soft_cap))
+
+
+def _rotary(attn, x: Float[torch.Tensor, "batch pos head d_head"], cos, sin) -> torch.Tensor:
+    """``attn.apply_rotary`` with the tables of given positions (``cos``, ``sin``: ``[batch, pos, 1, rotary_dim]``)."""
+    r = attn.cfg.rotary_dim
+    return torch.cat([x[..., :r] * cos + attn.rotate_every_two(x[..., :r]) * sin, x[..., r:]], -1)
+
+
 class _Losses:
     """Merged embeddings of prompt + target, computed once; the loss of any subset of prompt positions.
 
-    One unablated forward records every layer's keys and values (``hook_k`` / ``hook_v``, before rotary) and
-    gives the unablated loss. A setting that drops positions recomputes only its kept positions from the first
-    dropped one on (its suffix), reading the earlier keys and values from a frozen cache.
+    One unablated forward records every layer's keys and values and gives the unablated loss. A setting that
+    drops positions recomputes only its suffix: its kept positions from the first dropped one on, at their new
+    positions, attending to the recorded keys and values of the positions before.
     """
 
-    def __init__(self, model, inputs: VLMInputs, target, batch_size: int):
+    def __init__(self, model, inputs: VLMInputs, target, batch_size: int, shared_prefix: bool | None = None):
         self.model = model
         self.inputs = _single(inputs, model)
         self.target = target_ids(model, target).to(model.cfg.device)
@@ -243,8 +261,9 @@ class _Losses:
         self.embeds = model.hook_embed(full[None])[0]
         self.n_prompt = prompt.shape[0]
         self.image = self.inputs.image_positions.to(model.cfg.device)
-        self.keys: list[Float[torch.Tensor, "1 pos kv_head d_head"]] = []
-        self.values: list[Float[torch.Tensor, "1 pos kv_head d_head"]] = []
+        self.shared = _shared_prefix_supported(model.cfg) if shared_prefix is None else shared_prefix
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
         self.base_loss: float | None = None
 
     def without(self, drop_image_indices: list[torch.Tensor]) -> Float[torch.Tensor, " setting"]:
@@ -268,7 +287,8 @@ class _Losses:
         order = sorted(suffixes, key=lambda i: (suffixes[i][0], len(suffixes[i][1])))
         done = 0
         for batch in self._batches([suffixes[i] for i in order]):
-            loss[order[done : done + len(batch)]] = self._suffix_losses(batch).cpu()
+            run = self._shared_prefix if self.shared else self._cached_prefix
+            loss[order[done : done + len(batch)]] = run(batch).cpu()
             done += len(batch)
         return loss
 
@@ -287,43 +307,112 @@ class _Losses:
             yield batch
 
     def _record(self) -> None:
-        """The unablated forward: keys and values of every layer, and the unablated loss."""
+        """The unablated forward: every layer's keys (shared prefix: after rotary, ``[kv_head, d_head, pos]``;
+        else ``hook_k``, before rotary, what a TransformerLens cache holds) and values of the prompt, and the
+        unablated loss."""
         if self.keys:
             return
-        model, n_layers = self.model, self.model.cfg.n_layers
+        model, n_layers, n = self.model, self.model.cfg.n_layers, self.n_prompt
         self.keys, self.values = [None] * n_layers, [None] * n_layers  # type: ignore[list-item]
 
-        def keep(store, layer):
+        def keep(store, layer, pattern):
             def hook(x, hook):
-                store[layer] = x.detach()
+                x = x[0, :n].detach()
+                store[layer] = einops.rearrange(x, pattern).contiguous() if self.shared else x[None].clone()
 
             return hook
 
         hooks = []
         for layer in range(n_layers):
-            hooks += [(f"blocks.{layer}.attn.hook_k", keep(self.keys, layer)),
-                      (f"blocks.{layer}.attn.hook_v", keep(self.values, layer))]
+            hooks += [(f"blocks.{layer}.attn.hook_{'rot_k' if self.shared else 'k'}",
+                       keep(self.keys, layer, "pos kv d_head -> kv d_head pos")),
+                      (f"blocks.{layer}.attn.hook_v", keep(self.values, layer, "pos kv d_head -> kv pos d_head"))]
         with model.hooks(fwd_hooks=hooks):
             resid = model(self.embeds[None, :-1], start_at_layer=0, stop_at_layer=n_layers)
         self.base_loss = float(self._cross_entropy(resid[:, self.n_prompt - 1 :])[0])
 
-    def _suffix_losses(self, batch: list[tuple[int, torch.Tensor]]) -> Float[torch.Tensor, " batch"]:
-        """One forward over the suffixes of a batch of settings.
+    def _suffix_batch(self, batch) -> tuple[Float[torch.Tensor, "batch suffix d_model"], Int[torch.Tensor, " batch"]]:
+        """The suffixes' embeddings padded on the right, and their starts."""
+        longest = max(len(rows) for _, rows in batch)
+        resid = self.embeds.new_zeros(len(batch), longest, self.embeds.shape[-1])
+        for b, (_, rows) in enumerate(batch):
+            resid[b, : len(rows)] = self.embeds[rows]
+        return resid, torch.tensor([start for start, _ in batch], device=resid.device)
+
+    def _predicting(self, out, batch) -> Float[torch.Tensor, " batch"]:
+        """The loss from the last ``n_target`` kept rows of each suffix (they predict the target)."""
+        n_target = len(self.target)
+        rows = torch.stack([torch.arange(len(r) - n_target, len(r)) for _, r in batch]).to(out.device)
+        return self._cross_entropy(out.gather(1, rows[..., None].expand(-1, -1, out.shape[-1])))
+
+    def _shared_prefix(self, batch: list[tuple[int, torch.Tensor]]) -> Float[torch.Tensor, " batch"]:
+        """One forward over the suffixes of a batch of settings, the prefix attention added at ``hook_z``.
+
+        TransformerLens runs the suffixes alone (positions ``0..``; RoPE scores depend only on the distance,
+        so the suffix-to-suffix scores are those at the true positions). At each layer the queries, rotated at
+        their true positions ``start + i``, attend to the recorded rotated keys ``[:start]``, read by every row
+        of the batch from one tensor; the two partial softmaxes merge by their log-sum-exp.
+        """
+        model = self.model
+        resid, starts = self._suffix_batch(batch)
+        prefix, lowest = int(starts.max()), int(starts.min())
+        if prefix == 0:
+            return self._predicting(model(resid, start_at_layer=0, stop_at_layer=model.cfg.n_layers), batch)
+        n_batch, n_suffix = resid.shape[:2]
+        positions = starts[:, None] + torch.arange(n_suffix, device=resid.device)
+        table = model.blocks[0].attn
+        cos, sin = table.rotary_cos[positions][:, :, None], table.rotary_sin[positions][:, :, None]
+        # a row's keys from its own start on are not its prefix; only columns from the lowest start can be
+        hidden = (torch.arange(lowest, prefix, device=resid.device) >= starts[:, None])[None, :, None]
+        state: dict[str, torch.Tensor] = {}
+
+        def keep_q(q, hook):
+            state["q"] = q
+
+        def keep_lse(scores, hook):
+            state["lse"] = einops.rearrange(scores.float().logsumexp(-1), "b h s -> b s h")
+
+        def merge(z, hook):
+            attn = model.blocks[hook.layer()].attn
+            keys, values = self.keys[hook.layer()][..., :prefix], self.values[hook.layer()][:, :prefix]
+            n_kv = keys.shape[0]
+            q = einops.rearrange(_rotary(attn, state.pop("q"), cos, sin), "b s (kv g) d -> kv (b s g) d", kv=n_kv)
+            scores = torch.bmm(q, keys).div_(attn.attn_scale)
+            scores.view(n_kv, n_batch, -1, prefix)[..., lowest:].masked_fill_(hidden, float("-inf"))
+            top = scores.amax(-1, keepdim=True)
+            top = torch.where(top.isinf(), 0.0, top)  # a row without prefix
+            weights = scores.sub_(top).exp_()
+            total = weights.sum(-1, keepdim=True)
+            z_prefix = torch.bmm(weights, values) / total.clamp_min(torch.finfo(total.dtype).tiny)
+            z_prefix = einops.rearrange(z_prefix, "kv (b s g) d -> b s (kv g) d", b=n_batch, s=n_suffix)
+            lse = einops.rearrange((top + total.log())[..., 0].float(), "kv (b s g) -> b s (kv g)", b=n_batch,
+                                   s=n_suffix)
+            share = torch.sigmoid(lse - state.pop("lse"))[..., None].to(z.dtype)  # of the prefix in the softmax
+            return z + share * (z_prefix - z)
+
+        hooks = []
+        for layer in range(model.cfg.n_layers):
+            hooks += [(f"blocks.{layer}.attn.hook_q", keep_q), (f"blocks.{layer}.attn.hook_attn_scores", keep_lse),
+                      (f"blocks.{layer}.attn.hook_z", merge)]
+        with model.hooks(fwd_hooks=hooks):
+            out = model(resid, start_at_layer=0, stop_at_layer=model.cfg.n_layers)
+        return self._predicting(out, batch)
+
+    def _cached_prefix(self, batch: list[tuple[int, torch.Tensor]]) -> Float[torch.Tensor, " batch"]:
+        """One forward over the suffixes of a batch of settings with a frozen TransformerLens KV cache.
 
         Every row reads the same recorded keys/values ``[:prefix]`` (a broadcast view), ``prefix`` the batch's
         longest; the attention mask hides a row's cache slots from its own start on and its suffix padding.
         TransformerLens takes the rotary position of every slot from the mask's cumulative sum, so a row's
         suffix continues at its own start: ``[1] * start + [0] * (prefix - start) + [1] * kept + [0] * pad``.
         """
-        model, n_target = self.model, len(self.target)
-        prefix = max(start for start, _ in batch)
-        longest = max(len(rows) for _, rows in batch)
-        mask = torch.zeros(len(batch), prefix + longest, dtype=torch.int, device=self.embeds.device)
-        resid = self.embeds.new_zeros(len(batch), longest, self.embeds.shape[-1])
+        model = self.model
+        resid, starts = self._suffix_batch(batch)
+        prefix = int(starts.max())
+        mask = torch.zeros(len(batch), prefix + resid.shape[1], dtype=torch.int, device=resid.device)
         for b, (start, rows) in enumerate(batch):
             mask[b, :start] = 1
             mask[b, prefix : prefix + len(rows)] = 1
-            resid[b, : len(rows)] = self.embeds[rows]
         entries = [
             TransformerLensKeyValueCacheEntry(k[:, :prefix].expand(len(batch), -1, -1, -1),
                                               v[:, :prefix].expand(len(batch), -1, -1, -1), frozen=True)
@@ -332,9 +421,7 @@ class _Losses:
         cache = TransformerLensKeyValueCache(entries, mask[:, :prefix], frozen=True)
         out = model(resid, start_at_layer=0, stop_at_layer=model.cfg.n_layers, past_kv_cache=cache,
                     attention_mask=mask)
-        # the last n_target kept rows predict the target
-        rows = torch.stack([torch.arange(len(r) - n_target, len(r)) for _, r in batch]).to(out.device)
-        return self._cross_entropy(out.gather(1, rows[..., None].expand(-1, -1, out.shape[-1])))
+        return self._predicting(out, batch)
 
     def _cross_entropy(self, resid: Float[torch.Tensor, "batch target d_model"]) -> Float[torch.Tensor, " batch"]:
         logits = self.model.unembed(self.model.ln_final(resid)).float()
