@@ -19,6 +19,7 @@ exits non-zero if the ratio is under ``--min-ratio`` or the losses differ by mor
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 
 import numpy as np
@@ -68,7 +69,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=336, help="vision tower input side (patch 14)")
     parser.add_argument("--counts", default=None, help="comma-separated N (default 1..all image tokens)")
-    parser.add_argument("--batch-size", type=int, default=8, help="hooked_vlm settings per forward")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="hooked_vlm settings per forward (default: image_token_truncation's)")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="reference attention kernel")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-ratio", type=float, default=10.0)
@@ -78,8 +80,8 @@ def main() -> None:
     hf, proc = build_tiny(args.family, hidden=args.hidden, layers=args.layers, image_size=args.image_size,
                           patch_size=14)
     hf.set_attn_implementation(args.attn)
-    hf.config.text_config.max_position_embeddings = 1024  # default RoPE: the table does not depend on it
-    model = HookedVLM.from_pretrained(args.family, hf_model=hf, processor=proc, device="cpu", n_ctx=1024,
+    hf.config.text_config.max_position_embeddings = 4096  # default RoPE: the table does not depend on it
+    model = HookedVLM.from_pretrained(args.family, hf_model=hf, processor=proc, device="cpu", n_ctx=4096,
                                       progress=False)
     image = Image.fromarray((np.random.RandomState(0).rand(480, 640, 3) * 255).astype("uint8"))
     inputs = model.prepare(QUESTION, image)
@@ -97,12 +99,14 @@ def main() -> None:
     ref = reference_curve(hf, embeds, positions, ids, counts)
     t_ref = time.perf_counter() - start
     start = time.perf_counter()
-    ours = image_token_truncation(model, inputs, ids, counts=counts, batch_size=args.batch_size)
+    batch = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    ours = image_token_truncation(model, inputs, ids, counts=counts, **batch)
     t_ours = time.perf_counter() - start
     gap = (ours.loss.double() - ref.double()).abs().max().item()
     ratio = t_ref / t_ours
     print(f"reference (transformers {args.attn}, {len(counts)} full forwards): {t_ref:.3f} s")
-    print(f"hooked_vlm image_token_truncation (batch {args.batch_size}):        {t_ours:.3f} s")
+    size = args.batch_size or inspect.signature(image_token_truncation).parameters["batch_size"].default
+    print(f"hooked_vlm image_token_truncation (batch {size}):       {t_ours:.3f} s")
     print(f"speed-up: {ratio:.1f}x   max |loss difference|: {gap:.2e}")
     if gap > 1e-4:
         raise SystemExit(f"The two methods disagree by {gap:.3g} nats.")

@@ -6,9 +6,13 @@ Truncation keeps the first ``n`` image tokens and drops the rest; masking drops 
 tokens leave the sequence: the later positions move up, exactly as a transformers forward on the shortened
 ``inputs_embeds``. The target is appended after the prompt and its mean cross-entropy is reported.
 
-The merged embeddings are computed once and sliced. Settings run as a batch padded on the right: causal
-attention never lets a position read the padding after it, so no attention mask is needed and every row
-keeps positions ``0..len-1``. Only the rows that predict the target are unembedded.
+The merged embeddings are computed once. Positions before the first dropped one do not depend on what comes
+later (causal attention), so one unablated forward over prompt + target records every layer's keys and values
+(and gives the loss with nothing dropped); each setting then recomputes only its kept positions from its first
+dropped position on (for truncation: the text after the image and the target), at their new positions, with
+the recorded keys and values of the positions before it. Settings run in batches: the rows of a batch read
+the same recorded tensor, each up to its own start (see ``_Losses``). Only the rows that predict the target
+are unembedded. Hooks already on the model run in these forwards and see the recomputed rows only.
 """
 
 from __future__ import annotations
@@ -460,7 +464,7 @@ def image_token_truncation(
     target,
     *,
     counts: Iterable[int] | None = None,
-    batch_size: int = 8,
+    batch_size: int = 32,
 ) -> TruncationResult:
     """Teacher-forced loss of ``target`` keeping only the first ``n`` image tokens, for each ``n`` in ``counts``.
 
@@ -468,7 +472,7 @@ def image_token_truncation(
         inputs: one example (``model.prepare(instruction, image)``).
         target: the text appended after the prompt (e.g. a caption), or its token ids.
         counts: image tokens kept (default ``1..N`` as in Wei (2025); 0 is allowed).
-        batch_size: settings per forward pass.
+        batch_size: settings per forward pass (each recomputes only the positions after its kept image tokens).
     """
     losses = _Losses(model, inputs, target, batch_size)
     n_image = len(losses.image)
@@ -495,6 +499,7 @@ def image_token_masking(
         intervals: per setting, image-token indices to remove (0 = first image token): ``(start, stop)``
             half-open, a ``range``, a ``slice`` or a LongTensor of indices. E.g. one token at a time:
             ``[(i, i + 1) for i in range(n)]``.
+        batch_size: settings per forward pass (each recomputes the kept positions from its first removed one on).
     """
     losses = _Losses(model, inputs, target, batch_size)
     n_image = len(losses.image)
@@ -512,7 +517,7 @@ def aggregate_truncation(
     counts: Iterable[int] | None = None,
     question: str | None = None,
     template: str | None = "auto",
-    batch_size: int = 8,
+    batch_size: int = 32,
     progress: bool = True,
 ) -> Aggregate:
     """:func:`image_token_truncation` over records with their captions as targets (Wei 2025, sec. 4.3).
