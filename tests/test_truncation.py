@@ -2,13 +2,17 @@
 
 from dataclasses import replace
 from types import SimpleNamespace
+from unittest.mock import patch
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import noise_image
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hooked_vlm import PromptError, SelectionWarning
+from hooked_vlm.analysis import truncation
 from hooked_vlm.analysis.truncation import (
     aggregate_truncation,
     image_token_masking,
@@ -44,7 +48,7 @@ def hf_loss(hf, embeds, keep, ids):
     return F.cross_entropy(logits[n - len(ids) - 1 : n - 1], ids).item()
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llama3_next"])
 def test_truncation_and_masking_equal_transformers(tiny, hooked, family):
     hf, _ = tiny[family]
     model = hooked(family)
@@ -59,13 +63,13 @@ def test_truncation_and_masking_equal_transformers(tiny, hooked, family):
         keep = torch.ones(len(embeds), dtype=torch.bool)
         keep[image[n:]] = False
         assert abs(loss.item() - hf_loss(hf, embeds, keep, ids)) < 1e-4
-    intervals = [(0, 1), (3, 9), torch.tensor([2, n_image - 1])]
-    masked = image_token_masking(model, inputs, CAPTION, intervals)
-    for drop, loss in zip([[0], list(range(3, 9)), [2, n_image - 1]], masked.loss):
+    intervals = [(0, 1), (3, 9), torch.tensor([2, n_image - 1]), (n_image - 1, n_image)]
+    masked = image_token_masking(model, inputs, CAPTION, intervals, batch_size=3)
+    for drop, loss in zip([[0], list(range(3, 9)), [2, n_image - 1], [n_image - 1]], masked.loss):
         keep = torch.ones(len(embeds), dtype=torch.bool)
         keep[image[drop]] = False
         assert abs(loss.item() - hf_loss(hf, embeds, keep, ids)) < 1e-4
-    assert masked.labels == ["0", "3-8", f"2,{n_image - 1}"]
+    assert masked.labels == ["0", "3-8", f"2,{n_image - 1}", f"{n_image - 1}"]
     assert len(ours.loss.unique()) == len(counts)  # the settings really differ
 
 
@@ -128,3 +132,65 @@ def test_aggregate_over_records(hooked):
     agg = aggregate_truncation(model, records, counts=[0, 4, 16], progress=False)
     assert (agg.n_seen, agg.n_kept) == (3, 2)
     assert agg.summary()["x"].tolist() == [0, 4, 16]
+
+
+def full_forward_losses(model, inputs, ids, drops) -> torch.Tensor:
+    """The computation without prefix reuse: one whole forward per setting on the shortened embeddings."""
+    image = inputs.image_positions
+    with torch.no_grad():
+        embeds = model.hook_embed(torch.cat([model.embed_inputs(inputs), model.embed(ids[None])], 1))[0]
+        out = []
+        for drop in drops:
+            keep = torch.ones(len(embeds), dtype=torch.bool)
+            keep[image[drop]] = False
+            logits = model(embeds[keep][None], start_at_layer=0)[0]
+            n = logits.shape[0]
+            out.append(F.cross_entropy(logits[n - len(ids) - 1 : n - 1], ids))
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def gqa_case(hooked):
+    model = hooked("llama3_next")
+    inputs = model.prepare(PROMPT, noise_image(60, 40))
+    return model, inputs, target_ids(model, CAPTION)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_prefix", "kv_cache"])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), batch_size=st.integers(1, 5))
+def test_prefix_reuse_equals_full_forwards_on_random_settings(gqa_case, shared, data, batch_size):
+    """Truncation counts and masked sets (runs and scattered indices, batched in any size) against one whole
+    forward per setting, for both engines (the shared-prefix attention and TransformerLens's KV cache)."""
+    model, inputs, ids = gqa_case
+    with patch.object(truncation, "_shared_prefix_supported", lambda cfg: shared):
+        check_against_full_forwards(model, inputs, ids, data, batch_size)
+
+
+def check_against_full_forwards(model, inputs, ids, data, batch_size):
+    n = len(inputs.image_positions)
+    counts = data.draw(st.lists(st.integers(0, n), min_size=1, max_size=6), label="counts")
+    runs = st.tuples(st.integers(0, n - 1), st.integers(1, n)).map(lambda t: (t[0], max(t[0] + 1, min(n, t[1]))))
+    scattered = st.lists(st.integers(0, n - 1), min_size=1, max_size=8, unique=True).map(sorted)
+    intervals = data.draw(st.lists(st.one_of(runs, scattered), min_size=1, max_size=6), label="intervals")
+    ours = image_token_truncation(model, inputs, ids, counts=counts, batch_size=batch_size).loss
+    ref = full_forward_losses(model, inputs, ids, [torch.arange(c, n) for c in counts])
+    assert (ours - ref).abs().max() < 1e-4
+    as_tensors = [torch.tensor(i) if isinstance(i, list) else i for i in intervals]
+    masked = image_token_masking(model, inputs, ids, as_tensors, batch_size=batch_size)
+    drops = [torch.tensor(i) if isinstance(i, list) else torch.arange(*i) for i in intervals]
+    ref = full_forward_losses(model, inputs, ids, [torch.zeros(0, dtype=torch.long), *drops])
+    assert abs(masked.base_loss - ref[0]) < 1e-4
+    assert (masked.loss - ref[1:]).abs().max() < 1e-4
+
+
+def test_prefix_reuse_leaves_no_hooks_and_keeps_the_model(hooked):
+    model = hooked("llava")
+    inputs = model.prepare(PROMPT, noise_image(60, 40))
+    with torch.no_grad():
+        before = model(inputs)
+    image_token_truncation(model, inputs, CAPTION, counts=[0, 3, 9])
+    image_token_masking(model, inputs, CAPTION, [(1, 4)])
+    assert all(not hp._forward_hooks for hp in model.hook_dict.values())
+    with torch.no_grad():
+        assert torch.equal(model(inputs), before)

@@ -6,9 +6,13 @@ Truncation keeps the first ``n`` image tokens and drops the rest; masking drops 
 tokens leave the sequence: the later positions move up, exactly as a transformers forward on the shortened
 ``inputs_embeds``. The target is appended after the prompt and its mean cross-entropy is reported.
 
-The merged embeddings are computed once and sliced. Settings run as a batch padded on the right: causal
-attention never lets a position read the padding after it, so no attention mask is needed and every row
-keeps positions ``0..len-1``. Only the rows that predict the target are unembedded.
+The merged embeddings are computed once. Positions before the first dropped one do not depend on what comes
+later (causal attention), so one unablated forward over prompt + target records every layer's keys and values
+(and gives the loss with nothing dropped); each setting then recomputes only its kept positions from its first
+dropped position on (for truncation: the text after the image and the target), at their new positions, with
+the recorded keys and values of the positions before it. Settings run in batches: the rows of a batch read
+the same recorded tensor, each up to its own start (see ``_Losses``). Only the rows that predict the target
+are unembedded. Hooks already on the model run in these forwards and see the recomputed rows only.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import einops
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
 from hooked_vlm.analysis.base import Aggregate, AnalysisResult, aggregate, record_field
 from hooked_vlm.errors import PromptError, warn_selection
@@ -219,16 +226,38 @@ def _single(inputs, model=None) -> VLMInputs:
     return inputs
 
 
-class _Losses:
-    """Merged embeddings of prompt + target, computed once; the loss of any subset of prompt positions."""
+def _shared_prefix_supported(cfg) -> bool:
+    """Whether the attention is TransformerLens's plain causal RoPE softmax attention, which
+    :meth:`_Losses._shared_prefix` reproduces for the prefix keys."""
+    from transformer_lens.utilities.activation_functions import softcap_enabled
 
-    def __init__(self, model, inputs: VLMInputs, target, batch_size: int):
+    return (cfg.positional_embedding_type == "rotary" and cfg.attention_dir == "causal"
+            and all(t == "global" for t in cfg.attn_types or [])
+            and not (cfg.use_attention_sinks or cfg.use_logn_attn or cfg.use_dynamic_ntk_rope or cfg.load_in_4bit)
+            and not softcap_enabled(cfg.attn_scores_soft_cap))
+
+
+def _rotary(attn, x: Float[torch.Tensor, "batch pos head d_head"], cos, sin) -> torch.Tensor:
+    """``attn.apply_rotary`` with the tables of given positions (``cos``, ``sin``: ``[batch, pos, 1, rotary_dim]``)."""
+    r = attn.cfg.rotary_dim
+    return torch.cat([x[..., :r] * cos + attn.rotate_every_two(x[..., :r]) * sin, x[..., r:]], -1)
+
+
+class _Losses:
+    """Merged embeddings of prompt + target, computed once; the loss of any subset of prompt positions.
+
+    One unablated forward records every layer's keys and values and gives the unablated loss. A setting that
+    drops positions recomputes only its suffix: its kept positions from the first dropped one on, at their new
+    positions, attending to the recorded keys and values of the positions before.
+    """
+
+    def __init__(self, model, inputs: VLMInputs, target, batch_size: int, shared_prefix: bool | None = None):
         self.model = model
         self.inputs = _single(inputs, model)
         self.target = target_ids(model, target).to(model.cfg.device)
-        if batch_size < 1:
-            raise PromptError(f"batch_size must be positive, got {batch_size}.")
-        self.batch_size = batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise PromptError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        self.batch_size = int(batch_size)
         prompt = model.embed_inputs(self.inputs)[0]
         full = torch.cat([prompt, model.embed(self.target[None])[0]])
         if full.shape[0] > model.cfg.n_ctx:
@@ -236,34 +265,173 @@ class _Losses:
         self.embeds = model.hook_embed(full[None])[0]
         self.n_prompt = prompt.shape[0]
         self.image = self.inputs.image_positions.to(model.cfg.device)
+        self.shared = _shared_prefix_supported(model.cfg) if shared_prefix is None else shared_prefix
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.base_loss: float | None = None
 
     def without(self, drop_image_indices: list[torch.Tensor]) -> Float[torch.Tensor, " setting"]:
         """Mean cross-entropy of the target for each set of removed image-token indices."""
-        n_all, n_target = self.embeds.shape[0], len(self.target)
-        keeps: list[Bool[torch.Tensor, " pos"]] = []
-        for drop in drop_image_indices:
+        n_all = self.embeds.shape[0]
+        suffixes: dict[int, tuple[int, Int[torch.Tensor, " kept"]]] = {}
+        for i, drop in enumerate(drop_image_indices):
             keep = torch.ones(n_all, dtype=torch.bool, device=self.embeds.device)
             keep[self.image[drop.to(self.image.device)]] = False
-            keeps.append(keep)
-        out = []
-        for lo in range(0, len(keeps), self.batch_size):
-            out.append(self._batch(keeps[lo : lo + self.batch_size], n_target))
-        return torch.cat(out).cpu()
+            if keep.all():
+                continue
+            kept_prompt = torch.nonzero(keep[: self.n_prompt]).flatten()
+            if len(kept_prompt) == 0:
+                raise PromptError("A setting removes every prompt position: nothing predicts the first target token.")
+            # the row predicting the first target token must be recomputed with the rest
+            start = min(int(torch.nonzero(~keep)[0]), int(kept_prompt[-1]))
+            # the last position predicts nothing
+            suffixes[i] = (start, torch.nonzero(keep[start:-1]).flatten() + start)
+        self._record()
+        loss = torch.full((len(drop_image_indices),), self.base_loss, dtype=torch.float32)
+        order = sorted(suffixes, key=lambda i: (suffixes[i][0], len(suffixes[i][1])))
+        done = 0
+        for batch in self._batches([suffixes[i] for i in order]):
+            run = self._shared_prefix if self.shared else self._cached_prefix
+            loss[order[done : done + len(batch)]] = run(batch).cpu()
+            done += len(batch)
+        return loss
 
-    def _batch(self, keeps, n_target: int) -> Float[torch.Tensor, " batch"]:
+    def _batches(self, settings: list[tuple[int, torch.Tensor]]):
+        """Consecutive settings, at most ``batch_size`` per batch and cache + suffix within n_ctx (the rotary
+        table)."""
+        batch: list[tuple[int, torch.Tensor]] = []
+        for setting in settings:
+            grown = batch + [setting]
+            if batch and (len(grown) > self.batch_size
+                          or max(s for s, _ in grown) + max(len(r) for _, r in grown) > self.model.cfg.n_ctx):
+                yield batch
+                grown = [setting]
+            batch = grown
+        if batch:
+            yield batch
+
+    def _record(self) -> None:
+        """The unablated forward: every layer's keys (shared prefix: after rotary, ``[kv_head, d_head, pos]``;
+        else ``hook_k``, before rotary, what a TransformerLens cache holds) and values of the prompt, and the
+        unablated loss."""
+        if self.keys:
+            return
+        model, n_layers, n = self.model, self.model.cfg.n_layers, self.n_prompt
+        self.keys, self.values = [None] * n_layers, [None] * n_layers  # type: ignore[list-item]
+
+        def keep(store, layer, pattern):
+            def hook(x, hook):
+                x = x[0, :n].detach()
+                store[layer] = einops.rearrange(x, pattern).contiguous() if self.shared else x[None].clone()
+
+            return hook
+
+        hooks = []
+        for layer in range(n_layers):
+            hooks += [(f"blocks.{layer}.attn.hook_{'rot_k' if self.shared else 'k'}",
+                       keep(self.keys, layer, "pos kv d_head -> kv d_head pos")),
+                      (f"blocks.{layer}.attn.hook_v", keep(self.values, layer, "pos kv d_head -> kv pos d_head"))]
+        with model.hooks(fwd_hooks=hooks):
+            resid = model(self.embeds[None, :-1], start_at_layer=0, stop_at_layer=n_layers)
+        self.base_loss = float(self._cross_entropy(resid[:, self.n_prompt - 1 :])[0])
+
+    def _suffix_batch(self, batch) -> tuple[Float[torch.Tensor, "batch suffix d_model"], Int[torch.Tensor, " batch"]]:
+        """The suffixes' embeddings padded on the right, and their starts."""
+        longest = max(len(rows) for _, rows in batch)
+        resid = self.embeds.new_zeros(len(batch), longest, self.embeds.shape[-1])
+        for b, (_, rows) in enumerate(batch):
+            resid[b, : len(rows)] = self.embeds[rows]
+        return resid, torch.tensor([start for start, _ in batch], device=resid.device)
+
+    def _predicting(self, out, batch) -> Float[torch.Tensor, " batch"]:
+        """The loss from the last ``n_target`` kept rows of each suffix (they predict the target)."""
+        n_target = len(self.target)
+        rows = torch.stack([torch.arange(len(r) - n_target, len(r)) for _, r in batch]).to(out.device)
+        return self._cross_entropy(out.gather(1, rows[..., None].expand(-1, -1, out.shape[-1])))
+
+    def _shared_prefix(self, batch: list[tuple[int, torch.Tensor]]) -> Float[torch.Tensor, " batch"]:
+        """One forward over the suffixes of a batch of settings, the prefix attention added at ``hook_z``.
+
+        TransformerLens runs the suffixes alone (positions ``0..``; RoPE scores depend only on the distance,
+        so the suffix-to-suffix scores are those at the true positions). At each layer the queries, rotated at
+        their true positions ``start + i``, attend to the recorded rotated keys ``[:start]``, read by every row
+        of the batch from one tensor; the two partial softmaxes merge by their log-sum-exp.
+        """
         model = self.model
-        lengths = [int(k.sum()) for k in keeps]
-        longest = max(lengths)
-        batch = self.embeds.new_zeros(len(keeps), longest, self.embeds.shape[-1])
-        for b, keep in enumerate(keeps):
-            batch[b, : lengths[b]] = self.embeds[keep]
-        resid = model(batch, start_at_layer=0, stop_at_layer=model.cfg.n_layers)
-        # row i predicts target token i from the position just before it
-        rows = torch.stack([torch.arange(n - n_target - 1, n - 1) for n in lengths]).to(resid.device)
-        picked = resid.gather(1, rows[..., None].expand(-1, -1, resid.shape[-1]))
-        logits = model.unembed(model.ln_final(picked)).float()
-        labels = self.target[None].expand(len(keeps), -1)
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(len(keeps), -1).mean(-1)
+        resid, starts = self._suffix_batch(batch)
+        prefix, lowest = int(starts.max()), int(starts.min())
+        if prefix == 0:
+            return self._predicting(model(resid, start_at_layer=0, stop_at_layer=model.cfg.n_layers), batch)
+        n_batch, n_suffix = resid.shape[:2]
+        positions = starts[:, None] + torch.arange(n_suffix, device=resid.device)
+        table = model.blocks[0].attn
+        cos, sin = table.rotary_cos[positions][:, :, None], table.rotary_sin[positions][:, :, None]
+        # a row's keys from its own start on are not its prefix; only columns from the lowest start can be
+        hidden = (torch.arange(lowest, prefix, device=resid.device) >= starts[:, None])[None, :, None]
+        state: dict[str, torch.Tensor] = {}
+
+        def keep_q(q, hook):
+            state["q"] = q
+
+        def keep_lse(scores, hook):
+            state["lse"] = einops.rearrange(scores.float().logsumexp(-1), "b h s -> b s h")
+
+        def merge(z, hook):
+            attn = model.blocks[hook.layer()].attn
+            keys, values = self.keys[hook.layer()][..., :prefix], self.values[hook.layer()][:, :prefix]
+            n_kv = keys.shape[0]
+            q = einops.rearrange(_rotary(attn, state.pop("q"), cos, sin), "b s (kv g) d -> kv (b s g) d", kv=n_kv)
+            scores = torch.bmm(q, keys).div_(attn.attn_scale)
+            scores.view(n_kv, n_batch, -1, prefix)[..., lowest:].masked_fill_(hidden, float("-inf"))
+            top = scores.amax(-1, keepdim=True)
+            top = torch.where(top.isinf(), 0.0, top)  # a row without prefix
+            weights = scores.sub_(top).exp_()
+            total = weights.sum(-1, keepdim=True)
+            z_prefix = torch.bmm(weights, values) / total.clamp_min(torch.finfo(total.dtype).tiny)
+            z_prefix = einops.rearrange(z_prefix, "kv (b s g) d -> b s (kv g) d", b=n_batch, s=n_suffix)
+            lse = einops.rearrange((top + total.log())[..., 0].float(), "kv (b s g) -> b s (kv g)", b=n_batch,
+                                   s=n_suffix)
+            share = torch.sigmoid(lse - state.pop("lse"))[..., None].to(z.dtype)  # of the prefix in the softmax
+            return z + share * (z_prefix - z)
+
+        hooks = []
+        for layer in range(model.cfg.n_layers):
+            hooks += [(f"blocks.{layer}.attn.hook_q", keep_q), (f"blocks.{layer}.attn.hook_attn_scores", keep_lse),
+                      (f"blocks.{layer}.attn.hook_z", merge)]
+        with model.hooks(fwd_hooks=hooks):
+            out = model(resid, start_at_layer=0, stop_at_layer=model.cfg.n_layers)
+        return self._predicting(out, batch)
+
+    def _cached_prefix(self, batch: list[tuple[int, torch.Tensor]]) -> Float[torch.Tensor, " batch"]:
+        """One forward over the suffixes of a batch of settings with a frozen TransformerLens KV cache.
+
+        Every row reads the same recorded keys/values ``[:prefix]`` (a broadcast view), ``prefix`` the batch's
+        longest; the attention mask hides a row's cache slots from its own start on and its suffix padding.
+        TransformerLens takes the rotary position of every slot from the mask's cumulative sum, so a row's
+        suffix continues at its own start: ``[1] * start + [0] * (prefix - start) + [1] * kept + [0] * pad``.
+        """
+        model = self.model
+        resid, starts = self._suffix_batch(batch)
+        prefix = int(starts.max())
+        mask = torch.zeros(len(batch), prefix + resid.shape[1], dtype=torch.int, device=resid.device)
+        for b, (start, rows) in enumerate(batch):
+            mask[b, :start] = 1
+            mask[b, prefix : prefix + len(rows)] = 1
+        entries = [
+            TransformerLensKeyValueCacheEntry(k[:, :prefix].expand(len(batch), -1, -1, -1),
+                                              v[:, :prefix].expand(len(batch), -1, -1, -1), frozen=True)
+            for k, v in zip(self.keys, self.values)
+        ]
+        cache = TransformerLensKeyValueCache(entries, mask[:, :prefix], frozen=True)
+        out = model(resid, start_at_layer=0, stop_at_layer=model.cfg.n_layers, past_kv_cache=cache,
+                    attention_mask=mask)
+        return self._predicting(out, batch)
+
+    def _cross_entropy(self, resid: Float[torch.Tensor, "batch target d_model"]) -> Float[torch.Tensor, " batch"]:
+        logits = self.model.unembed(self.model.ln_final(resid)).float()
+        labels = self.target[None].expand(resid.shape[0], -1)
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+        return ce.view(resid.shape[0], -1).mean(-1)
 
 
 def _as_indices(interval, n_image: int) -> torch.Tensor:
@@ -296,7 +464,7 @@ def image_token_truncation(
     target,
     *,
     counts: Iterable[int] | None = None,
-    batch_size: int = 8,
+    batch_size: int = 32,
 ) -> TruncationResult:
     """Teacher-forced loss of ``target`` keeping only the first ``n`` image tokens, for each ``n`` in ``counts``.
 
@@ -304,7 +472,7 @@ def image_token_truncation(
         inputs: one example (``model.prepare(instruction, image)``).
         target: the text appended after the prompt (e.g. a caption), or its token ids.
         counts: image tokens kept (default ``1..N`` as in Wei (2025); 0 is allowed).
-        batch_size: settings per forward pass.
+        batch_size: settings per forward pass (each recomputes only the positions after its kept image tokens).
     """
     losses = _Losses(model, inputs, target, batch_size)
     n_image = len(losses.image)
@@ -331,6 +499,7 @@ def image_token_masking(
         intervals: per setting, image-token indices to remove (0 = first image token): ``(start, stop)``
             half-open, a ``range``, a ``slice`` or a LongTensor of indices. E.g. one token at a time:
             ``[(i, i + 1) for i in range(n)]``.
+        batch_size: settings per forward pass (each recomputes the kept positions from its first removed one on).
     """
     losses = _Losses(model, inputs, target, batch_size)
     n_image = len(losses.image)
@@ -348,7 +517,7 @@ def aggregate_truncation(
     counts: Iterable[int] | None = None,
     question: str | None = None,
     template: str | None = "auto",
-    batch_size: int = 8,
+    batch_size: int = 32,
     progress: bool = True,
 ) -> Aggregate:
     """:func:`image_token_truncation` over records with their captions as targets (Wei 2025, sec. 4.3).
