@@ -166,3 +166,50 @@ def test_nesting_and_bad_size(hooked):
     with model.reuse_images() as outer, model.reuse_images() as inner:
         assert inner is outer and isinstance(outer, ImageMemo)
     assert model._image_memo is None
+
+
+@pytest.fixture(scope="module")
+def shapes_model():
+    from hooked_vlm import HookedVLM
+
+    return HookedVLM.from_pretrained("shapes-llava", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("study", ["verbalization", "information-flow"])
+def test_studies_run_the_tower_once_per_record(study, shapes_model):
+    from hooked_vlm.datasets import shapes
+    from hooked_vlm.studies import run_study
+
+    records = list(shapes.generate(2, seed=7))
+    options = {"window": 1, "only_correct": False} if study == "information-flow" else {}
+    calls, handle = _count_calls(shapes_model.image_adapter.vision_tower)
+    try:
+        frame = run_study(study, shapes_model, records, **options)
+    finally:
+        handle.remove()
+    assert len(frame) > 0
+    assert len(calls) == len(records)
+    assert shapes_model._image_memo is None
+
+
+def test_aggregate_with_model_reuses_images(shapes_model):
+    import pandas as pd
+
+    from hooked_vlm.analysis import aggregate, correct_only, record_inputs
+    from hooked_vlm.datasets import shapes
+
+    records = list(shapes.generate(2, seed=3))
+    model = shapes_model
+
+    def fn(rec):
+        with torch.no_grad():
+            logits = model(record_inputs(model, rec))
+        return pd.DataFrame({"condition": ["c"], "x": [0], "value": [float(logits[0, -1, 0])]})
+
+    calls, handle = _count_calls(model.image_adapter.vision_tower)
+    try:
+        agg = aggregate(records, fn, keep=lambda r: correct_only(model)(r) or True, model=model, progress=False)
+    finally:
+        handle.remove()
+    assert agg.n_kept == len(records)
+    assert len(calls) == len(records)
