@@ -678,7 +678,7 @@ class HookedVLM(HookedTransformer):
             raise PromptError("stop_at_eos=True needs eos_token_id: the tokenizer has no EOS token.")
         pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else (stop or [0])[0]
         cache = TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch)
-        logits = self(inputs, past_kv_cache=cache)[:, -1]
+        logits = self(inputs, past_kv_cache=cache)[:, -1].clone()  # a view would keep [batch, pos, vocab] alive
         finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)
         prompt = inputs.input_ids.to(logits.device)
         new_tokens: list[torch.Tensor] = []

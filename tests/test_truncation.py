@@ -128,3 +128,30 @@ def test_aggregate_over_records(hooked):
     agg = aggregate_truncation(model, records, counts=[0, 4, 16], progress=False)
     assert (agg.n_seen, agg.n_kept) == (3, 2)
     assert agg.summary()["x"].tolist() == [0, 4, 16]
+
+
+def test_long_inputs_run_one_setting_per_forward(hooked, monkeypatch):
+    """Settings share a forward only while rows * longest**2 <= SCORES_BUDGET; the losses do not change."""
+    from hooked_vlm.analysis import truncation
+
+    model = hooked("llava")
+    inputs = model.prepare(PROMPT, noise_image(60, 40))
+    counts = [0, 1, 7, 12, 16]
+    batched = image_token_truncation(model, inputs, CAPTION, counts=counts, batch_size=8)
+    sizes = []
+    real = truncation._Losses._batch
+    monkeypatch.setattr(truncation._Losses, "_batch", lambda self, keeps, n: sizes.append(len(keeps))
+                        or real(self, keeps, n))
+    image_token_truncation(model, inputs, CAPTION, counts=counts, batch_size=8)
+    assert sizes == [5]
+    sizes.clear()
+    n_all = inputs.seq_len + len(target_ids(model, CAPTION))
+    monkeypatch.setattr(truncation, "SCORES_BUDGET", 2 * n_all**2)  # room for two full-length rows
+    small = image_token_truncation(model, inputs, CAPTION, counts=counts, batch_size=8)
+    assert sum(sizes) == 5 and max(sizes) <= 3 and len(sizes) >= 2
+    sizes.clear()
+    monkeypatch.setattr(truncation, "SCORES_BUDGET", 1)  # a long input: one setting per forward
+    single = image_token_truncation(model, inputs, CAPTION, counts=counts, batch_size=8)
+    assert sizes == [1] * 5
+    torch.testing.assert_close(small.loss, batched.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(single.loss, batched.loss, rtol=1e-5, atol=1e-5)

@@ -219,6 +219,11 @@ def _single(inputs, model=None) -> VLMInputs:
     return inputs
 
 
+# Attention scores per head that one batched forward of truncation/masking settings may hold (a 2,048-position
+# sequence's): LLaVA-1.5 inputs (~600 positions) still run 8 settings at once, 2,900-position anyres ones one.
+SCORES_BUDGET = 2048**2
+
+
 class _Losses:
     """Merged embeddings of prompt + target, computed once; the loss of any subset of prompt positions."""
 
@@ -246,9 +251,27 @@ class _Losses:
             keep[self.image[drop.to(self.image.device)]] = False
             keeps.append(keep)
         out = []
-        for lo in range(0, len(keeps), self.batch_size):
-            out.append(self._batch(keeps[lo : lo + self.batch_size], n_target))
+        for chunk in self._chunks(keeps):
+            out.append(self._batch(chunk, n_target))
         return torch.cat(out).cpu()
+
+    def _chunks(self, keeps: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Consecutive settings, at most ``batch_size`` per forward and at most ``SCORES_BUDGET`` attention scores
+        per head (``rows * longest**2``), else one setting: a long input's batch would hold several
+        ``[head, pos, pos]`` patterns at once."""
+        chunks: list[list[torch.Tensor]] = []
+        longest = 0
+        for keep in keeps:
+            n = int(keep.sum())
+            if chunks:
+                grown = max(longest, n)
+                if len(chunks[-1]) < self.batch_size and (len(chunks[-1]) + 1) * grown**2 <= SCORES_BUDGET:
+                    chunks[-1].append(keep)
+                    longest = grown
+                    continue
+            chunks.append([keep])
+            longest = n
+        return chunks
 
     def _batch(self, keeps, n_target: int) -> Float[torch.Tensor, " batch"]:
         model = self.model
@@ -304,7 +327,8 @@ def image_token_truncation(
         inputs: one example (``model.prepare(instruction, image)``).
         target: the text appended after the prompt (e.g. a caption), or its token ids.
         counts: image tokens kept (default ``1..N`` as in Wei (2025); 0 is allowed).
-        batch_size: settings per forward pass.
+        batch_size: settings per forward pass (fewer on long inputs: a forward holds at most the attention scores
+            of one 2,048-position sequence, ``SCORES_BUDGET``, or one setting).
     """
     losses = _Losses(model, inputs, target, batch_size)
     n_image = len(losses.image)
@@ -331,6 +355,7 @@ def image_token_masking(
         intervals: per setting, image-token indices to remove (0 = first image token): ``(start, stop)``
             half-open, a ``range``, a ``slice`` or a LongTensor of indices. E.g. one token at a time:
             ``[(i, i + 1) for i in range(n)]``.
+        batch_size: settings per forward pass (fewer on long inputs, as in :func:`image_token_truncation`).
     """
     losses = _Losses(model, inputs, target, batch_size)
     n_image = len(losses.image)
