@@ -208,18 +208,25 @@ def norm_attention(
     patterns: dict[str, torch.Tensor] = {}
     values: dict[str, torch.Tensor] = {}
 
+    per_head, summed = [], []
+
+    def reduce(layer: int):
+        # within the layer, so only one layer's values [pos, head, d_head] are held at a time
+        def hook(_act, hook) -> None:
+            pattern = patterns.pop(f"blocks.{layer}.attn.hook_pattern")[0]
+            value = values.pop(f"blocks.{layer}.attn.hook_v")[0]
+            h, s = norms_from_values(pattern, value, model.blocks[layer].attn.W_O)
+            per_head.append(h.cpu())
+            summed.append(s.cpu())
+
+        return hook
+
     hooks = []
     for layer in layers:
         hooks += [(f"blocks.{layer}.attn.hook_pattern", pattern_rows(patterns, rows)),
-                  (f"blocks.{layer}.attn.hook_v", record(values))]
+                  (f"blocks.{layer}.attn.hook_v", record(values)),
+                  (f"blocks.{layer}.hook_attn_out", reduce(layer))]
     model.run_with_hooks(inputs, fwd_hooks=hooks, stop_at_layer=layers[-1] + 1)
-    per_head, summed = [], []
-    for layer in layers:
-        pattern = patterns.pop(f"blocks.{layer}.attn.hook_pattern")[0]
-        value = values.pop(f"blocks.{layer}.attn.hook_v")[0]
-        h, s = norms_from_values(pattern, value, model.blocks[layer].attn.W_O)
-        per_head.append(h.cpu())
-        summed.append(s.cpu())
     image = inputs.image_positions
     try:
         question = inputs.question_positions
