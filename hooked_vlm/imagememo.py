@@ -62,7 +62,10 @@ class ImageMemo:
 
     def put(self, kind: str, key: str, value: torch.Tensor) -> None:
         store = self._store.setdefault(kind, OrderedDict())
-        store[key] = value.detach()
+        value = value.detach()
+        if value.untyped_storage().nbytes() > value.numel() * value.element_size():
+            value = value.clone()  # a view of a batch's tensor would keep the whole batch alive
+        store[key] = value
         store.move_to_end(key)
         while len(store) > self.max_entries:
             store.popitem(last=False)

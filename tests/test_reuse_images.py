@@ -213,3 +213,14 @@ def test_aggregate_with_model_reuses_images(shapes_model):
         handle.remove()
     assert agg.n_kept == len(records)
     assert len(calls) == len(records)
+
+
+def test_memo_entries_do_not_hold_a_batch():
+    memo = ImageMemo(2)
+    batch = torch.randn(3, 4, 5)
+    for i in range(3):
+        memo.put("tokens", str(i), batch[i])
+    assert len(memo) == 2 and memo.nbytes == 2 * 4 * 5 * 4
+    assert all(t.untyped_storage().nbytes() == 4 * 5 * 4 for t in memo._store["tokens"].values())
+    assert torch.equal(memo.get("tokens", "2"), batch[2]) and memo.get("tokens", "0") is None
+    assert (memo.hits, memo.misses) == ({"tokens": 1}, {"tokens": 1})
