@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from hooked_vlm.imagememo import ImageMemo, tensor_digest
+
 
 def without_language_model(vlm_core: nn.Module) -> nn.Module:
     """A shallow copy of ``LlavaModel``/``LlavaNextModel`` sharing every submodule except the decoder."""
@@ -73,8 +75,39 @@ class ImageAdapter(nn.Module):
                 handle.remove()
         return list(out.pooler_output)
 
-    def from_inputs(self, model, inputs) -> list[torch.Tensor]:
-        """Image tokens per image of ``inputs`` on ``model``'s device and dtype, ``hook_image_features`` applied."""
-        pixel_values = inputs.pixel_values.to(model.cfg.device, model.cfg.dtype)
-        sizes = None if inputs.image_sizes is None else inputs.image_sizes.to(model.cfg.device)
-        return self(pixel_values, sizes, on_features=model.hook_image_features)
+    def from_inputs(self, model, inputs, memo: ImageMemo | None = None) -> list[torch.Tensor]:
+        """Image tokens per image of ``inputs`` on ``model``'s device and dtype, ``hook_image_features`` applied.
+
+        With ``memo`` (no hook on ``hook_image_features``: see ``HookedVLM.reuse_images``), images whose tokens
+        are memoised are not run; the others run together and are memoised.
+        """
+        if memo is None:
+            pixel_values = inputs.pixel_values.to(model.cfg.device, model.cfg.dtype)
+            sizes = None if inputs.image_sizes is None else inputs.image_sizes.to(model.cfg.device)
+            return self(pixel_values, sizes, on_features=model.hook_image_features)
+        keys = self.image_keys(model, inputs)
+        out: list[torch.Tensor | None] = [memo.get("tokens", k) for k in keys]
+        missing = [i for i, t in enumerate(out) if t is None]
+        if missing:
+            pixel_values = inputs.pixel_values[missing].to(model.cfg.device, model.cfg.dtype)
+            sizes = None if inputs.image_sizes is None else inputs.image_sizes[missing].to(model.cfg.device)
+            for i, tokens in zip(missing, self(pixel_values, sizes, on_features=model.hook_image_features)):
+                memo.put("tokens", keys[i], tokens)
+                out[i] = tokens
+        return out  # type: ignore[return-value]
+
+    def image_keys(self, model, inputs) -> list[str]:
+        """One memo key per image: its pixels (anyres: its own crops, not the batch's padding) and size."""
+        pixels = inputs.pixel_values
+        tag = f"{self.family}|{model.cfg.dtype}|{model.cfg.device}|"
+        if self.family != "llava_next":
+            return [tag + tensor_digest(pixels[i]) for i in range(pixels.shape[0])]
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = self.core.config
+        keys = []
+        for i in range(pixels.shape[0]):
+            size = inputs.image_sizes[i]
+            n = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            keys.append(tag + tensor_digest(pixels[i, :n] if pixels.dim() == 5 else pixels[i], size))
+        return keys

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import warnings
@@ -27,6 +28,7 @@ from hooked_vlm.errors import (
     LoadOptionError,
     PromptError,
 )
+from hooked_vlm.imagememo import DEFAULT_MAX_IMAGES, ImageMemo
 from hooked_vlm.inputs import VLMInputs
 from hooked_vlm.preparation import first_token_id, prepare_inputs, tokenizer_fingerprint
 
@@ -90,6 +92,7 @@ class HookedVLM(HookedTransformer):
         self.hf_config = hf_config
         self.image_adapter = image_adapter
         self.image_token_id = int(hf_config.image_token_id)
+        self._image_memo: ImageMemo | None = None  # set inside reuse_images()
         # The final RMSNorm weight, kept when fold_ln folds it into W_U (for lenses without the norm).
         self.register_buffer("final_norm_weight", torch.ones(cfg.d_model, dtype=cfg.dtype), persistent=False)
         self.hook_image_features = HookPoint()
@@ -326,9 +329,71 @@ class HookedVLM(HookedTransformer):
                 )
 
     # ------------------------------------------------------------------ embedding
+    @contextlib.contextmanager
+    def reuse_images(self, max_images: int = DEFAULT_MAX_IMAGES) -> Iterator[ImageMemo]:
+        """Within the ``with`` block, the vision tower runs once per distinct image, not once per forward.
+
+        A study runs several forwards per image (a ``generate`` for the correctness filter, then the analysis;
+        five paraphrased instructions; knockout batches). Inside ``with model.reuse_images():`` the image tokens
+        of each image are memoised, keyed by its pixel content (a hash of its ``pixel_values`` row, anyres: its
+        own crops, and its ``image_sizes`` row), so a later forward on the same pixels reuses them, bit-identical.
+        A batch runs only its images that are not memoised yet. InstructBLIP memoises the vision tower's output
+        per image and its prefix tokens per (image, Q-Former instruction ids): a new instruction on a seen
+        image runs only the Q-Former.
+
+        The memo is bypassed (everything runs as outside the block) while a hook is attached to
+        ``hook_image_features`` or the family's vision hooks (``hook_qformer_queries``), or a backward hook to
+        ``hook_image_embeds``, and while autograd would record the image adapter (grad mode on and its
+        parameters requiring grad): hooks see and edit exactly what they do outside. ``hook_image_embeds``
+        forward hooks still fire on every forward, on a fresh tensor (editing it never reaches the memo).
+        PyTorch hooks put directly on the vision tower's modules fire only when an image is computed.
+        The memo assumes the adapter's weights do not change inside the block. Blocks nest (the inner one
+        reuses the outer memo).
+
+        Args:
+            max_images: entries kept per kind, least recently used dropped first. Memory: one entry holds an
+                image's tokens, ``n_image_tokens * d_model`` elements in the model's dtype: LLaVA-1.5-7B 576 x 4096
+                (4.5 MiB in float16), LLaVA-v1.6 anyres up to 2,928 x 4096 (23 MiB); InstructBLIP adds the vision
+                output, 257 x 1408 (0.7 MiB), per image. The default 16 thus costs at most ~72 MiB (LLaVA-1.5),
+                ~370 MiB (LLaVA-v1.6 at 672 px), on the model's device.
+
+        Yields:
+            the :class:`~hooked_vlm.imagememo.ImageMemo` (``hits``, ``misses``, ``nbytes``).
+
+        Raises:
+            LoadOptionError: ``max_images`` is not a positive integer.
+        """
+        outer = getattr(self, "_image_memo", None)
+        memo = outer if outer is not None else ImageMemo(max_images)
+        self._image_memo = memo
+        try:
+            yield memo
+        finally:
+            self._image_memo = outer
+
+    def _active_image_memo(self) -> ImageMemo | None:
+        """The memo of an enclosing :meth:`reuse_images`, unless a hook or autograd needs the fresh run."""
+        memo = getattr(self, "_image_memo", None)
+        if memo is None:
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.image_adapter.parameters()):
+            return None
+        for name in ("hook_image_features", *families.get(self.family).hooks):
+            point = getattr(self, name)
+            if point._forward_hooks or point._forward_pre_hooks or point._backward_hooks:
+                return None
+        if self.hook_image_embeds._backward_hooks:
+            return None
+        return memo
+
     def image_embeds(self, inputs: VLMInputs) -> list[Float[torch.Tensor, "n_image_tokens d_model"]]:
-        """Projected image tokens of each example (concatenated over its images), hooks applied."""
-        per_image = self.image_adapter.from_inputs(self, inputs)
+        """Projected image tokens of each example (concatenated over its images), hooks applied (memoised per
+        image inside :meth:`reuse_images`)."""
+        memo = self._active_image_memo()
+        if memo is None:
+            per_image = self.image_adapter.from_inputs(self, inputs)
+        else:
+            per_image = self.image_adapter.from_inputs(self, inputs, memo=memo)
         counts = [len(lays) for lays in inputs.layouts]
         per_example, i = [], 0
         for n in counts:
@@ -613,7 +678,7 @@ class HookedVLM(HookedTransformer):
             raise PromptError("stop_at_eos=True needs eos_token_id: the tokenizer has no EOS token.")
         pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else (stop or [0])[0]
         cache = TransformerLensKeyValueCache.init_cache(self.cfg, self.cfg.device, batch)
-        logits = self(inputs, past_kv_cache=cache)[:, -1]
+        logits = self(inputs, past_kv_cache=cache)[:, -1].clone()  # a view would keep [batch, pos, vocab] alive
         finished = torch.zeros(batch, dtype=torch.bool, device=logits.device)
         prompt = inputs.input_ids.to(logits.device)
         new_tokens: list[torch.Tensor] = []

@@ -25,11 +25,13 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from hooked_vlm import geometry, templates
 from hooked_vlm.adapter import without_language_model
 from hooked_vlm.errors import PromptError
 from hooked_vlm.geometry import ImageLayout
+from hooked_vlm.imagememo import ImageMemo, tensor_digest
 from hooked_vlm.inputs import VLMInputs
 from hooked_vlm.preparation import (
     check_length,
@@ -110,18 +112,67 @@ class QFormerAdapter(nn.Module):
                 h.remove()
         return list(out.pooler_output)
 
-    def from_inputs(self, model, inputs: VLMInputs) -> list[torch.Tensor]:
+    def from_inputs(self, model, inputs: VLMInputs, memo: ImageMemo | None = None) -> list[torch.Tensor]:
         """Prefix tokens per image of ``inputs``, with the model's ``hook_image_features`` and
-        ``hook_qformer_queries`` applied."""
+        ``hook_qformer_queries`` applied.
+
+        With ``memo`` (no hook on those two: see ``HookedVLM.reuse_images``), the vision tower runs once per
+        distinct image and the Q-Former once per distinct (image, instruction); the rest comes from the memo.
+        """
         device = model.cfg.device
         mask = inputs.qformer_attention_mask
-        return self(
-            inputs.pixel_values.to(device, model.cfg.dtype),
-            inputs.qformer_input_ids.to(device),
-            None if mask is None else mask.to(device),
-            on_features=model.hook_image_features,
-            on_queries=model.hook_qformer_queries,
-        )
+        if memo is None:
+            return self(
+                inputs.pixel_values.to(device, model.cfg.dtype),
+                inputs.qformer_input_ids.to(device),
+                None if mask is None else mask.to(device),
+                on_features=model.hook_image_features,
+                on_queries=model.hook_qformer_queries,
+            )
+        pixels, ids = inputs.pixel_values, inputs.qformer_input_ids
+        tag = f"instructblip|{model.cfg.dtype}|{device}|"
+        vision_keys = [tag + tensor_digest(pixels[i]) for i in range(pixels.shape[0])]
+        keys = [k + "|" + tensor_digest(ids[i], None if mask is None else mask[i]) for i, k in enumerate(vision_keys)]
+        out: list[torch.Tensor | None] = [memo.get("tokens", k) for k in keys]
+        missing = [i for i, t in enumerate(out) if t is None]
+        if not missing:
+            return out  # type: ignore[return-value]
+        vision = [memo.get("vision", vision_keys[i]) for i in missing]
+        unseen = [j for j, v in enumerate(vision) if v is None]
+        if unseen:
+            fresh = self.vision_model(pixel_values=pixels[[missing[j] for j in unseen]].to(device, model.cfg.dtype),
+                                      return_dict=True).last_hidden_state
+            for j, v in zip(unseen, fresh):
+                memo.put("vision", vision_keys[missing[j]], v)
+                vision[j] = v
+        stub = _VisionOutput(torch.stack(vision))  # type: ignore[arg-type]
+        tower, self.core._modules["vision_model"] = self.core._modules["vision_model"], stub
+        try:
+            tokens = self(
+                pixels[missing].to(device, model.cfg.dtype),
+                ids[missing].to(device),
+                None if mask is None else mask[missing].to(device),
+                on_features=model.hook_image_features,
+                on_queries=model.hook_qformer_queries,
+            )
+        finally:
+            self.core._modules["vision_model"] = tower
+        for i, t in zip(missing, tokens):
+            memo.put("tokens", keys[i], t)
+            out[i] = t
+        return out  # type: ignore[return-value]
+
+
+class _VisionOutput(nn.Module):
+    """Stands in for the vision tower inside ``get_image_features``: returns memoised vision embeddings, so the
+    Q-Former and projection run as transformers' own code."""
+
+    def __init__(self, embeds: Float[torch.Tensor, "n_images n_vision d_vision"]):
+        super().__init__()
+        self.embeds = embeds
+
+    def forward(self, pixel_values=None, **_kwargs) -> BaseModelOutputWithPooling:
+        return BaseModelOutputWithPooling(last_hidden_state=self.embeds)
 
 
 # ------------------------------------------------------------------------------------------- layout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -108,25 +109,29 @@ def aggregate(
     y_label: str = "value",
     progress: bool = True,
     total: int | None = None,
+    model=None,
 ) -> Aggregate:
     """Run ``fn(record)`` over ``records`` and stack the long frames it returns.
 
     ``fn`` returns a frame with columns ``condition``, ``x``, ``value`` (or None to skip the record).
     ``keep(record)`` is the paper's sample filter (e.g. :func:`correct_only`); rejected records are
-    counted in ``n_seen`` but not run.
+    counted in ``n_seen`` but not run. ``model``: the HookedVLM that ``keep`` and ``fn`` run; given, the
+    records run inside ``model.reuse_images()``, so the filter's forward and ``fn``'s share one vision-tower run
+    per image.
     """
     frames, seen, kept = [], 0, 0
     if total is None and hasattr(records, "__len__"):
         total = len(records)  # type: ignore[arg-type]
-    for i, rec in enumerate(tqdm(records, total=total, desc=title or "records", disable=not progress)):
-        seen += 1
-        if keep is not None and not keep(rec):
-            continue
-        df = fn(rec)
-        if df is None:
-            continue
-        kept += 1
-        frames.append(df.assign(record=i))
+    with model.reuse_images() if model is not None else contextlib.nullcontext():
+        for i, rec in enumerate(tqdm(records, total=total, desc=title or "records", disable=not progress)):
+            seen += 1
+            if keep is not None and not keep(rec):
+                continue
+            df = fn(rec)
+            if df is None:
+                continue
+            kept += 1
+            frames.append(df.assign(record=i))
     empty = pd.DataFrame(columns=["condition", "x", "value", "record"])
     frame = pd.concat(frames, ignore_index=True) if frames else empty
     return Aggregate(frame, title=title, x_label=x_label, y_label=y_label, n_seen=seen, n_kept=kept)

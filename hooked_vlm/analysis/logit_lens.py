@@ -90,6 +90,7 @@ def collect_residuals(model, inputs, positions=None) -> Float[Tensor, "layer pos
     return _collect(model, inputs, _positions(inputs, positions))
 
 
+@torch.no_grad()  # residuals are kept detached: autograd would only hold every layer's activations
 def _collect(model, inputs, pos: Int[Tensor, " pos"]) -> Float[Tensor, "layer pos d_model"]:
     with warnings.catch_warnings():  # an empty selection was warned about already
         warnings.simplefilter("ignore", SelectionWarning)

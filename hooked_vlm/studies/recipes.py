@@ -11,6 +11,7 @@ plus the study's own columns (see :data:`STUDIES` and docs/studies/).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -373,7 +374,7 @@ def _truncation(model, record, ctx: Context) -> tuple[pd.DataFrame, dict]:
     frames = []
     for kind, i, inputs in _prompted(model, record, ctx):
         res = image_token_truncation(model, inputs, captions[0], counts=None if counts is None else list(counts),
-                                     batch_size=ctx.batch(8))
+                                     batch_size=ctx.batch(32))
         frames.append(res.to_frame().assign(prompt=kind, prompt_index=i, n_image=res.n_image))
     return _concat(frames), {}
 
@@ -606,7 +607,18 @@ def get_study(name: str) -> Study:
 
 def study_rows(study: Study, model, records, ctx: Context, start: int = 0, on_record=None
                ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Rows and per-record facts of ``records`` (indices ``start, start+1, ...``)."""
+    """Rows and per-record facts of ``records`` (indices ``start, start+1, ...``).
+
+    Runs inside ``model.reuse_images()``: the vision tower runs once per image, however many forwards the recipe
+    makes on it (correctness filter, paraphrased prompts, knockout batches).
+    """
+    reuse = getattr(model, "reuse_images", None)
+    with reuse() if reuse is not None else contextlib.nullcontext():
+        return _study_rows(study, model, records, ctx, start, on_record)
+
+
+def _study_rows(study: Study, model, records, ctx: Context, start: int, on_record
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
     frames, facts = [], []
     indexed = list(enumerate(records, start))
     if study.batch_rows is not None:
