@@ -20,11 +20,12 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from hooked_vlm.errors import PromptError, warn_selection
+from hooked_vlm.errors import HookedVLMWarning, PromptError, warn_selection
 from hooked_vlm.inputs import VLMInputs
 from hooked_vlm.positions import Positions, as_integers, as_vlm_inputs, blocked_edges, check_in_sequence, hook_positions
 
 __all__ = [
+    "warn_partial_rows",
     "block_attention",
     "block_edges",
     "knockout_hooks",
@@ -222,3 +223,16 @@ class ResidualCollector:
         if missing:
             raise RuntimeError(f"The model has not run with this collector's hooks (missing {missing[0]}).")
         return torch.stack([self.store[n] for n in self.names])
+
+
+def warn_partial_rows(model, analysis: str) -> None:
+    """Warn (:class:`~hooked_vlm.errors.HookedVLMWarning`) when hooks are attached to the decoder while ``analysis``,
+    which recomputes only some rows and layers, runs: those hooks would see partial activations (suffix rows at
+    shifted indices), not the whole sequence, and an edit they make would change only part of the result."""
+    names = [name for name, hp in model.hook_dict.items()
+             if (hp._forward_hooks or hp._forward_pre_hooks) and name.startswith(("blocks.", "ln_final"))]
+    if names:
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        warn_selection(f"{analysis} recomputes only some rows and layers, but hooks are attached at {shown}: they "
+                       "see (and edit) only those partial activations. Remove them (model.reset_hooks()) or run "
+                       "full forwards with model.run_with_hooks for what they do.", HookedVLMWarning)

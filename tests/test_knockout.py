@@ -274,3 +274,14 @@ def test_batch_of_records_refuses_mixed_or_miscounted_records(pair):
         knockout_flows(model, batch, records, window=3)
     for block in model.blocks:
         assert not block.attn.hook_attn_scores._forward_hooks
+
+
+def test_user_hooks_during_knockout_warn_by_name(pair):
+    """Knocked runs recompute only some rows and layers: a user's decoder hook would see partial activations."""
+    from hooked_vlm.errors import HookedVLMWarning
+
+    _, model = pair["llava"]
+    inputs = model.prepare("What color is the circle?", noise_image(40, 30))
+    with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda x, hook: x)]):
+        with pytest.warns(HookedVLMWarning, match=r"blocks\.1\.attn\.hook_pattern"):
+            attention_knockout(model, inputs, "image", "last", window=1, layers=[0])

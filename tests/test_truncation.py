@@ -1,5 +1,6 @@
 """Image-token truncation and masking against transformers on the shortened inputs_embeds."""
 
+import warnings
 from dataclasses import replace
 from types import SimpleNamespace
 from unittest.mock import patch
@@ -194,3 +195,17 @@ def test_prefix_reuse_leaves_no_hooks_and_keeps_the_model(hooked):
     assert all(not hp._forward_hooks for hp in model.hook_dict.values())
     with torch.no_grad():
         assert torch.equal(model(inputs), before)
+
+
+def test_hooks_attached_during_truncation_warn_by_name(hooked):
+    """Prefix reuse recomputes only suffix rows: a user's decoder hook would see partial activations."""
+    from hooked_vlm.errors import HookedVLMWarning
+
+    model = hooked("llava")
+    inputs = model.prepare(PROMPT, noise_image(60, 40))
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x)]):
+        with pytest.warns(HookedVLMWarning, match="blocks.0.hook_resid_post"):
+            image_token_truncation(model, inputs, CAPTION, counts=[1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HookedVLMWarning)
+        image_token_truncation(model, inputs, CAPTION, counts=[1, 2])

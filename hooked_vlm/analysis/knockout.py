@@ -53,7 +53,7 @@ from hooked_vlm.analysis.base import (
     record_inputs,
 )
 from hooked_vlm.errors import PromptError, warn_selection
-from hooked_vlm.hooks import block_attention, block_edges, knockout_hooks
+from hooked_vlm.hooks import block_attention, block_edges, knockout_hooks, warn_partial_rows
 from hooked_vlm.inputs import VLMInputs
 from hooked_vlm.plot import escape_label, line_style
 from hooked_vlm.positions import (
@@ -359,6 +359,7 @@ def _as_inputs(model, inputs) -> VLMInputs:
 def _run_flows(model, inputs: VLMInputs, specs: dict[str, tuple[Positions, Positions]], window: int, layers,
                box, batch_size: int, boxes=None) -> dict[str, KnockoutResult]:
     window = _check_window(window)
+    warn_partial_rows(model, "Attention knockout")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise PromptError(f"batch_size must be a positive integer, got {batch_size!r}.")
     n_layers = model.cfg.n_layers

@@ -32,6 +32,7 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 
 from hooked_vlm.analysis.base import Aggregate, AnalysisResult, aggregate, record_field
 from hooked_vlm.errors import PromptError, warn_selection
+from hooked_vlm.hooks import warn_partial_rows
 from hooked_vlm.inputs import VLMInputs
 from hooked_vlm.positions import as_integers, as_vlm_inputs
 
@@ -254,6 +255,7 @@ class _Losses:
     def __init__(self, model, inputs: VLMInputs, target, batch_size: int, shared_prefix: bool | None = None):
         self.model = model
         self.inputs = _single(inputs, model)
+        warn_partial_rows(model, "Image-token truncation/masking")
         self.target = target_ids(model, target).to(model.cfg.device)
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise PromptError(f"batch_size must be a positive integer, got {batch_size!r}.")
