@@ -274,3 +274,14 @@ def test_batch_of_records_refuses_mixed_or_miscounted_records(pair):
         knockout_flows(model, batch, records, window=3)
     for block in model.blocks:
         assert not block.attn.hook_attn_scores._forward_hooks
+
+
+def test_target_at_position_zero_recomputes_every_row(pair):
+    """A target at position 0: no frozen rows at all (the fused attention with an empty cache)."""
+    hf, model = pair["llava"]
+    inputs = model.prepare(QUESTION, noise_image(60, 40))
+    target = [0, int(inputs.last_position)]
+    ours = attention_knockout(model, inputs, "image", target, window=1)
+    ref, token = hf_knockout(hf, inputs, blocked_edges(inputs, "image", target), 1)
+    assert int(ours.token) == token
+    assert (ours.relative_change - ref).abs().max() < 1e-3
