@@ -285,3 +285,14 @@ def test_user_hooks_during_knockout_warn_by_name(pair):
     with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", lambda x, hook: x)]):
         with pytest.warns(HookedVLMWarning, match=r"blocks\.1\.attn\.hook_pattern"):
             attention_knockout(model, inputs, "image", "last", window=1, layers=[0])
+
+
+def test_target_at_position_zero_recomputes_every_row(pair):
+    """A target at position 0: no frozen rows at all (the fused attention with an empty cache)."""
+    hf, model = pair["llava"]
+    inputs = model.prepare(QUESTION, noise_image(60, 40))
+    target = [0, int(inputs.last_position)]
+    ours = attention_knockout(model, inputs, "image", target, window=1)
+    ref, token = hf_knockout(hf, inputs, blocked_edges(inputs, "image", target), 1)
+    assert int(ours.token) == token
+    assert (ours.relative_change - ref).abs().max() < 1e-3

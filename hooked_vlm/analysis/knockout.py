@@ -250,7 +250,8 @@ class _Baseline:
             empty = gone.all(-1, keepdim=True)  # rows with every key cut: NaN, zeros in TransformerLens
             if empty.any():
                 pattern.masked_fill_(empty, 0.0)
-            z = (pattern[..., :start].reshape(batch, kv_heads, -1, start) @ cached_v).view(*q.shape)
+            queries = q.shape[2] * q.shape[3] * q.shape[4]  # setting x group x row
+            z = (pattern[..., :start].reshape(batch, kv_heads, queries, start) @ cached_v).view(*q.shape)
             z = z + pattern[..., start:] @ v
             z = einops.rearrange(z, "b h s g q d -> (s b) q (h g d)")
             attn_out = z @ attn.W_O.reshape(-1, attn.W_O.shape[-1]) + attn.b_O
