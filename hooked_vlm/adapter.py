@@ -87,14 +87,18 @@ class ImageAdapter(nn.Module):
             return self(pixel_values, sizes, on_features=model.hook_image_features)
         keys = self.image_keys(model, inputs)
         out: list[torch.Tensor | None] = [memo.get("tokens", k) for k in keys]
-        missing = [i for i, t in enumerate(out) if t is None]
+        first: dict[str, int] = {}  # an image repeated within the batch (one per prompt) runs once
+        for i, t in enumerate(out):
+            if t is None:
+                first.setdefault(keys[i], i)
+        missing = list(first.values())
         if missing:
             pixel_values = inputs.pixel_values[missing].to(model.cfg.device, model.cfg.dtype)
             sizes = None if inputs.image_sizes is None else inputs.image_sizes[missing].to(model.cfg.device)
             for i, tokens in zip(missing, self(pixel_values, sizes, on_features=model.hook_image_features)):
                 memo.put("tokens", keys[i], tokens)
                 out[i] = tokens
-        return out  # type: ignore[return-value]
+        return [t if t is not None else out[first[keys[i]]] for i, t in enumerate(out)]  # type: ignore[misc]
 
     def image_keys(self, model, inputs) -> list[str]:
         """One memo key per image: its pixels (anyres: its own crops, not the batch's padding) and size."""

@@ -138,13 +138,18 @@ class QFormerAdapter(nn.Module):
         if not missing:
             return out  # type: ignore[return-value]
         vision = [memo.get("vision", vision_keys[i]) for i in missing]
-        unseen = [j for j, v in enumerate(vision) if v is None]
+        first: dict[str, int] = {}  # an image repeated within the batch (one per instruction) runs once
+        for j, v in enumerate(vision):
+            if v is None:
+                first.setdefault(vision_keys[missing[j]], j)
+        unseen = list(first.values())
         if unseen:
             fresh = self.vision_model(pixel_values=pixels[[missing[j] for j in unseen]].to(device, model.cfg.dtype),
                                       return_dict=True).last_hidden_state
             for j, v in zip(unseen, fresh):
                 memo.put("vision", vision_keys[missing[j]], v)
                 vision[j] = v
+            vision = [v if v is not None else vision[first[vision_keys[missing[j]]]] for j, v in enumerate(vision)]
         stub = _VisionOutput(torch.stack(vision))  # type: ignore[arg-type]
         tower, self.core._modules["vision_model"] = self.core._modules["vision_model"], stub
         try:

@@ -175,20 +175,25 @@ def shapes_model():
     return HookedVLM.from_pretrained("shapes-llava", device="cpu", progress=False)
 
 
-@pytest.mark.parametrize("study", ["verbalization", "information-flow"])
-def test_studies_run_the_tower_once_per_record(study, shapes_model):
+@pytest.mark.parametrize("study", ["verbalization", "information-flow", "answer-emergence", "contextualization",
+                                   "norm-attention", "truncation", "masking"])
+def test_studies_run_the_tower_once_per_image(study, shapes_model):
     from hooked_vlm.datasets import shapes
     from hooked_vlm.studies import run_study
 
     records = list(shapes.generate(2, seed=7))
-    options = {"window": 1, "only_correct": False} if study == "information-flow" else {}
-    calls, handle = _count_calls(shapes_model.image_adapter.vision_tower)
+    options = {"information-flow": {"window": 1, "only_correct": False}, "answer-emergence": {"only_correct": False},
+               "truncation": {"counts": [1, 4]}}.get(study, {})
+    images: list[int] = []  # images per vision-tower call (batched studies encode several at once)
+    handle = shapes_model.image_adapter.vision_tower.register_forward_hook(
+        lambda m, args, kwargs, out: images.append(kwargs.get("pixel_values", args[0] if args else None).shape[0]),
+        with_kwargs=True)
     try:
         frame = run_study(study, shapes_model, records, **options)
     finally:
         handle.remove()
     assert len(frame) > 0
-    assert len(calls) == len(records)
+    assert sum(images) == len(records)
     assert shapes_model._image_memo is None
 
 

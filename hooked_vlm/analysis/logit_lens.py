@@ -99,6 +99,7 @@ def _collect(model, inputs, pos: Int[Tensor, " pos"]) -> Float[Tensor, "layer po
     return collector.stack()[:, 0]
 
 
+@torch.no_grad()  # as _collect: detached residuals, and the image memo works only without autograd
 def _collect_examples(model, inputs, columns: list[Int[Tensor, " pos"]]) -> list[Float[Tensor, "layer pos d_model"]]:
     """Lens residuals of each example ``b`` of a batch at its own batch columns ``columns[b]``, layers ``0..L``.
 
