@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 import torch
+from knockout_sweep import knocked_mask, masked_probs  # the seed method's forward, shared with that benchmark
 from PIL import Image
 
 from hooked_vlm import HookedVLM
@@ -66,31 +67,13 @@ def seed_flows(hf, inputs, blocked: dict[str, torch.Tensor], window: int) -> tup
     """Relative change (%) per flow and centre layer of one record: one unablated transformers forward, then one
     full forward per flow x centre layer (the 4D mask of knockout_sweep.reference_sweep)."""
     n_layers = hf.config.text_config.num_hidden_layers
-    n = inputs.seq_len
-    causal = torch.full((n, n), float("-inf")).triu(1)
-    layers = hf.model.language_model.layers
-
-    def probs(mask: torch.Tensor | None, block: set[int]) -> torch.Tensor:
-        handles = [
-            layer.register_forward_pre_hook(lambda m, a, kw: (a, {**kw, "attention_mask": mask}), with_kwargs=True)
-            for i, layer in enumerate(layers) if i in block
-        ]
-        try:
-            with torch.no_grad():
-                out = hf(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                         pixel_values=inputs.pixel_values, image_sizes=inputs.image_sizes, logits_to_keep=1)
-        finally:
-            for h in handles:
-                h.remove()
-        return out.logits[0, -1].float().softmax(-1)
-
-    base = probs(None, set())
+    base = masked_probs(hf, inputs, None, set())
     token = base.argmax()
     out = {}
     for label, edges in blocked.items():
-        knocked = causal.masked_fill(edges[0], float("-inf"))[None, None].to(hf.dtype)
+        knocked = knocked_mask(hf, edges)
         out[label] = torch.stack([
-            (probs(knocked, set(window_layers(c, window, n_layers)))[token] / base[token] - 1) * 100
+            (masked_probs(hf, inputs, knocked, set(window_layers(c, window, n_layers)))[token] / base[token] - 1) * 100
             for c in range(n_layers)
         ])
     return out, int(token)

@@ -28,32 +28,40 @@ from hooked_vlm.testing import build_tiny
 QUESTION = "What color is the circle on the left of the blue square ?"
 
 
+def masked_probs(hf, inputs, mask: torch.Tensor | None, block: set[int]) -> torch.Tensor:
+    """Last-position probabilities of one transformers forward (vision tower included) whose layers in ``block``
+    get the 4D additive attention ``mask`` in place of their own."""
+    layers = hf.model.language_model.layers
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, kw: (a, {**kw, "attention_mask": mask}), with_kwargs=True)
+        for i, layer in enumerate(layers) if i in block
+    ]
+    try:
+        with torch.no_grad():
+            out = hf(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                     pixel_values=inputs.pixel_values, image_sizes=inputs.image_sizes, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return out.logits[0, -1].float().softmax(-1)
+
+
+def knocked_mask(hf, blocked: torch.Tensor) -> torch.Tensor:
+    """The causal 4D additive mask with ``blocked[0]`` edges set to -inf: ``[1, 1, query, key]``."""
+    n = blocked.shape[-1]
+    causal = torch.full((n, n), float("-inf")).triu(1)
+    return causal.masked_fill(blocked[0], float("-inf"))[None, None].to(hf.dtype)
+
+
 def reference_sweep(hf, inputs, blocked, window: int) -> torch.Tensor:
     """Relative change (%) per centre layer, one transformers forward each (plus one unablated)."""
     n_layers = hf.config.text_config.num_hidden_layers
-    n = inputs.seq_len
-    causal = torch.full((n, n), float("-inf")).triu(1)
-    knocked = causal.masked_fill(blocked[0], float("-inf"))[None, None].to(hf.dtype)
-    layers = hf.model.language_model.layers
-
-    def probs(block: set[int]) -> torch.Tensor:
-        handles = [
-            layer.register_forward_pre_hook(lambda m, a, kw: (a, {**kw, "attention_mask": knocked}), with_kwargs=True)
-            for i, layer in enumerate(layers) if i in block
-        ]
-        try:
-            with torch.no_grad():
-                out = hf(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                         pixel_values=inputs.pixel_values, image_sizes=inputs.image_sizes, logits_to_keep=1)
-        finally:
-            for h in handles:
-                h.remove()
-        return out.logits[0, -1].float().softmax(-1)
-
-    base = probs(set())
+    knocked = knocked_mask(hf, blocked)
+    base = masked_probs(hf, inputs, None, set())
     token = base.argmax()
     return torch.stack([
-        (probs(set(window_layers(c, window, n_layers)))[token] / base[token] - 1) * 100 for c in range(n_layers)
+        (masked_probs(hf, inputs, knocked, set(window_layers(c, window, n_layers)))[token] / base[token] - 1) * 100
+        for c in range(n_layers)
     ])
 
 
