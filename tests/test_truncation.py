@@ -209,3 +209,26 @@ def test_hooks_attached_during_truncation_warn_by_name(hooked):
     with warnings.catch_warnings():
         warnings.simplefilter("error", HookedVLMWarning)
         image_token_truncation(model, inputs, CAPTION, counts=[1, 2])
+
+
+def test_batches_hold_no_more_attention_scores_than_one_full_forward(hooked, monkeypatch):
+    """Masking an early block leaves a long suffix: such settings run fewer per forward, the losses unchanged."""
+    model = hooked("llava")
+    inputs = model.prepare(PROMPT, noise_image(60, 40))
+    n = len(inputs.image_positions)
+    intervals = [(i, i + 1) for i in range(n)]
+    one = image_token_masking(model, inputs, CAPTION, intervals, batch_size=1)
+    seen = []
+    real = truncation._Losses._batches
+
+    def spy(self, settings):
+        for batch in real(self, settings):
+            suffix = max(len(r) for _, r in batch)
+            seen.append((len(batch), len(batch) * suffix * (max(s for s, _ in batch) + suffix), self.embeds.shape[0]))
+            yield batch
+
+    monkeypatch.setattr(truncation._Losses, "_batches", spy)
+    many = image_token_masking(model, inputs, CAPTION, intervals, batch_size=64)
+    assert all(size == 1 or scores <= n_all**2 for size, scores, n_all in seen)
+    assert len(seen) > 1 and max(size for size, _, _ in seen) > 1
+    torch.testing.assert_close(many.loss, one.loss, rtol=1e-5, atol=1e-5)

@@ -299,13 +299,16 @@ class _Losses:
         return loss
 
     def _batches(self, settings: list[tuple[int, torch.Tensor]]):
-        """Consecutive settings, at most ``batch_size`` per batch and cache + suffix within n_ctx (the rotary
-        table)."""
+        """Consecutive settings, at most ``batch_size`` per batch, cache + suffix within n_ctx (the rotary table),
+        and attention scores (rows x suffix x keys) no larger than one unablated forward's, so that long suffixes
+        (masking early image tokens of a long input) do not multiply the peak memory by the batch size."""
+        n_all = self.embeds.shape[0]
         batch: list[tuple[int, torch.Tensor]] = []
         for setting in settings:
             grown = batch + [setting]
-            if batch and (len(grown) > self.batch_size
-                          or max(s for s, _ in grown) + max(len(r) for _, r in grown) > self.model.cfg.n_ctx):
+            start, suffix = max(s for s, _ in grown), max(len(r) for _, r in grown)
+            if batch and (len(grown) > self.batch_size or start + suffix > self.model.cfg.n_ctx
+                          or len(grown) * suffix * (start + suffix) > n_all * n_all):
                 yield batch
                 grown = [setting]
             batch = grown
