@@ -134,8 +134,8 @@ def _add_run_parser(sub, formatter) -> None:
     run.add_argument("--dtype", default=None, help="weights dtype: float32, float16, bfloat16 (default: float32)")
     run.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: cpu)")
     run.add_argument("--batch-size", type=positive_int, default=None, metavar="B",
-                     help="settings per forward pass (knockout centre layers, truncation/masking settings); "
-                     "default: the analysis's own")
+                     help="sequences per forward pass: knockout (flow, centre layer, record) settings (default 16), "
+                     "truncation/masking settings (32/8), records x prompts of the other studies (8)")
     run.add_argument("--chunk-size", type=positive_int, default=8, metavar="K",
                      help="records per stored chunk; a killed run loses at most one chunk (default: 8)")
     run.add_argument("--shard", type=_shard, default=None, metavar="I/N",
