@@ -214,7 +214,7 @@ def _information_flow_batch(model, indexed: list[tuple[int, Any]], ctx: Context)
     batches, then :func:`~hooked_vlm.analysis.knockout_flows` on batches of the kept records (those with objects
     and those without apart, as their flows differ), ``FLOW_RECORDS`` records at a time."""
     from hooked_vlm.analysis import knockout_flows
-    from hooked_vlm.analysis.base import record_field
+    from hooked_vlm.analysis.base import answers_correct, record_field
 
     o = ctx.options
     records = [record for _, record in indexed]
@@ -228,9 +228,8 @@ def _information_flow_batch(model, indexed: list[tuple[int, Any]], ctx: Context)
     if o["only_correct"]:
         for lo in range(0, len(records), size):
             chunk = list(range(lo, min(len(records), lo + size)))
-            answers = model.answer(prepare(chunk))
-            for i, answer in zip(chunk, answers):
-                correct[i] = answer == str(record_field(records[i], "answer")).strip().lower()
+            for i, ok in zip(chunk, answers_correct(model, prepare(chunk), [records[i] for i in chunk])):
+                correct[i] = ok
     out: list[tuple[pd.DataFrame, dict]] = [(pd.DataFrame(), {"correct": c}) for c in correct]
     kept = [i for i, c in enumerate(correct) if c is not False]
     for group in ([i for i in kept if has_objects(records[i])], [i for i in kept if not has_objects(records[i])]):
