@@ -29,25 +29,10 @@ from PIL import Image
 
 from hooked_vlm import HookedVLM
 from hooked_vlm.analysis.truncation import image_token_truncation, target_ids
-from hooked_vlm.testing import build_tiny
+from hooked_vlm.testing import build_tiny, hf_merged_embeds
 
 QUESTION = "Describe this picture"
 CAPTION = "a red circle left of a blue square and a green triangle on the right"
-
-
-def merged_embeds(hf, inputs, ids: torch.Tensor) -> torch.Tensor:
-    """transformers' own merged ``inputs_embeds`` of prompt + caption ``[pos, d_model]``."""
-    full = torch.cat([inputs.input_ids, ids[None]], 1)
-    seen = {}
-    handle = hf.model.language_model.register_forward_pre_hook(
-        lambda m, a, kw: seen.update(embeds=kw["inputs_embeds"]), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            hf(input_ids=full, attention_mask=torch.ones_like(full), pixel_values=inputs.pixel_values,
-               image_sizes=inputs.image_sizes, logits_to_keep=1)
-    finally:
-        handle.remove()
-    return seen["embeds"][0]
 
 
 def reference_curve(hf, embeds: torch.Tensor, image: torch.Tensor, ids: torch.Tensor, counts) -> torch.Tensor:
@@ -94,7 +79,7 @@ def main() -> None:
           f"({n_image} image, {after} after the image), caption of {len(ids)} tokens, {len(counts)} settings "
           f"(N = {counts[0]}..{counts[-1]}), {args.threads} thread(s)")
 
-    embeds = merged_embeds(hf, inputs, ids)
+    embeds = hf_merged_embeds(hf, inputs, ids)
     start = time.perf_counter()
     ref = reference_curve(hf, embeds, positions, ids, counts)
     t_ref = time.perf_counter() - start

@@ -313,3 +313,19 @@ def build_tiny_instructblip(
         model.query_tokens.normal_(0, 0.02)
     processor = instructblip_processor(tokenizer, qformer_tokenizer, image_size, num_query_tokens)
     return model.to(dtype).eval(), processor
+
+
+def hf_merged_embeds(hf, inputs, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' own merged ``inputs_embeds`` ``[pos, d_model]`` of a LLaVA / LLaVA-NeXT prompt (``inputs``, one
+    example) followed by the token ids ``ids``: what its language model reads, image features scattered in."""
+    full = torch.cat([inputs.input_ids, ids[None]], 1)
+    seen = {}
+    handle = hf.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(embeds=kw["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            hf(input_ids=full, attention_mask=torch.ones_like(full), pixel_values=inputs.pixel_values,
+               image_sizes=inputs.image_sizes, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return seen["embeds"][0]

@@ -22,24 +22,10 @@ from hooked_vlm.analysis.truncation import (
     target_ids,
     tokens_for_fraction,
 )
+from hooked_vlm.testing import hf_merged_embeds
 
 PROMPT = "Describe this picture"
 CAPTION = "a red circle left of a blue square"
-
-
-def hf_embeds(hf, inputs, ids):
-    """transformers' own merged inputs_embeds of prompt + target."""
-    full = torch.cat([inputs.input_ids, ids[None]], 1)
-    seen = {}
-    handle = hf.model.language_model.register_forward_pre_hook(
-        lambda m, a, kw: seen.update(embeds=kw["inputs_embeds"]), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            hf(input_ids=full, attention_mask=torch.ones_like(full), pixel_values=inputs.pixel_values,
-               image_sizes=inputs.image_sizes)
-    finally:
-        handle.remove()
-    return seen["embeds"][0]
 
 
 def hf_loss(hf, embeds, keep, ids):
@@ -57,7 +43,7 @@ def test_truncation_and_masking_equal_transformers(tiny, hooked, family):
     image = inputs.image_positions
     n_image = len(image)
     ids = target_ids(model, CAPTION)
-    embeds = hf_embeds(hf, inputs, ids)
+    embeds = hf_merged_embeds(hf, inputs, ids)
     counts = [0, 1, 7, n_image - 1, n_image]
     ours = image_token_truncation(model, inputs, CAPTION, counts=counts, batch_size=2)
     for n, loss in zip(counts, ours.loss):
