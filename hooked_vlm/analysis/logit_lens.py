@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import string
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -38,8 +37,8 @@ from hooked_vlm.analysis.base import (
     record_field,
     record_inputs,
 )
-from hooked_vlm.errors import HookedVLMError, PromptError, SelectionWarning, warn_selection
-from hooked_vlm.hooks import ResidualCollector
+from hooked_vlm.errors import HookedVLMError, PromptError, warn_selection
+from hooked_vlm.hooks import ResidualCollector as ResidualCollector  # re-exported: it was defined here first
 from hooked_vlm.hooks import resid_hook_names as resid_hook_names  # re-exported: these were defined here first
 from hooked_vlm.hooks import residual_hook as residual_hook
 from hooked_vlm.plot import escape_label, escape_labels
@@ -87,19 +86,10 @@ def collect_residuals(model, inputs, positions=None) -> Float[Tensor, "layer pos
     """Lens residuals of a one-example input at ``positions`` (default: all), layers ``0..L``."""
     inputs = as_vlm_inputs(model, inputs)
     check_single(inputs)
-    return _collect(model, inputs, _positions(inputs, positions))
+    return _collect_examples(model, inputs, [_positions(inputs, positions)])[0]
 
 
-@torch.no_grad()  # residuals are kept detached: autograd would only hold every layer's activations
-def _collect(model, inputs, pos: Int[Tensor, " pos"]) -> Float[Tensor, "layer pos d_model"]:
-    with warnings.catch_warnings():  # an empty selection was warned about already
-        warnings.simplefilter("ignore", SelectionWarning)
-        collector = ResidualCollector(model.cfg.n_layers, pos)
-    model.run_with_hooks(inputs, fwd_hooks=collector.fwd_hooks, return_type=None)
-    return collector.stack()[:, 0]
-
-
-@torch.no_grad()  # as _collect: detached residuals, and the image memo works only without autograd
+@torch.no_grad()  # detached residuals (autograd would hold every layer), and the image memo needs no autograd
 def _collect_examples(model, inputs, columns: list[Int[Tensor, " pos"]]) -> list[Float[Tensor, "layer pos d_model"]]:
     """Lens residuals of each example ``b`` of a batch at its own batch columns ``columns[b]``, layers ``0..L``.
 
